@@ -1,0 +1,255 @@
+"""Request and response models of the teacher service (``/v1/score``, ``/v1/generate``, ``/v1/model``).
+
+Alignment (the one rule everyone must agree on): completion position ``t`` is predicted from
+``prompt + completion[:t]``. ``logprobs[t]`` is the teacher's log-prob of ``completion_ids[t]`` there,
+``topk_*[t]`` are the teacher's k most likely next tokens there, ``candidate_logprobs[t][j]`` is the
+teacher's log-prob of ``candidate_ids[t][j]`` there (normalised over the FULL vocabulary) and ``entropy[t]``
+is the entropy of the teacher's whole next-token distribution there (nats).
+
+Requests are validated with pydantic (unknown fields are errors, so a typo such as ``topk`` is caught).
+Responses are plain documents whose arrays the codec packs; :class:`ScoredSequence` is the typed view a
+client gets back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from shared.codec import as_array
+
+DEFAULT_TOP_K = 16
+
+
+def _ids_from_wire(value: Any) -> Any:
+    """Accept packed arrays (msgpack requests) where lists of ints are expected."""
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "iu":
+            raise ValueError(f"packed array of ids must have an integer dtype, got {value.dtype.name}")
+        return value.tolist()
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=False)
+
+
+class ChatMessage(_Strict):
+    role: str = Field(description="system, user, assistant, ...")
+    content: str
+
+
+class ScoreSequence(_Strict):
+    """One rollout to score, in exactly one of three forms.
+
+    * token form: ``prompt_ids`` + ``completion_ids``;
+    * text form: ``prompt`` + ``completion`` (tokenized separately by the teacher's tokenizer, no special
+      tokens added to the completion);
+    * chat form: ``messages`` + (``completion`` or ``completion_ids``); the prompt is rendered with the
+      TEACHER's chat template with ``add_generation_prompt=True``.
+    """
+
+    prompt_ids: list[int] | None = None
+    completion_ids: list[int] | None = None
+    prompt: str | None = None
+    completion: str | None = None
+    messages: list[ChatMessage] | None = None
+    candidate_ids: list[list[int]] | None = Field(
+        None, description="[T][K] token ids; the teacher's full-vocabulary log-prob at each is returned"
+    )
+
+    _to_list = field_validator("prompt_ids", "completion_ids", "candidate_ids", mode="before")(
+        classmethod(lambda cls, v: _ids_from_wire(v))
+    )
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ScoreSequence:
+        form = self.form
+        given = sorted(
+            k
+            for k in ("prompt_ids", "prompt", "messages", "completion", "completion_ids")
+            if getattr(self, k) is not None
+        )
+        allowed = {
+            "tokens": {"prompt_ids", "completion_ids"},
+            "text": {"prompt", "completion"},
+            "chat": {"messages", "completion", "completion_ids"},
+        }
+        if form is None:
+            raise ValueError(
+                "give exactly one prompt field: prompt_ids (token form), prompt (text form) or messages "
+                f"(chat form); got {given or 'none'}"
+            )
+        extra = set(given) - allowed[form]
+        if extra:
+            raise ValueError(f"{form} form does not take {sorted(extra)}; allowed: {sorted(allowed[form])}")
+        has_ids, has_text = self.completion_ids is not None, self.completion is not None
+        if form == "tokens" and not has_ids:
+            raise ValueError("token form needs completion_ids")
+        if form == "text" and not has_text:
+            raise ValueError("text form needs completion")
+        if form == "chat" and has_ids == has_text:
+            raise ValueError("chat form needs exactly one of completion (text) or completion_ids")
+        return self
+
+    @property
+    def form(self) -> Literal["tokens", "text", "chat"] | None:
+        present = [k for k in ("prompt_ids", "prompt", "messages") if getattr(self, k) is not None]
+        if len(present) != 1:
+            return None
+        return {"prompt_ids": "tokens", "prompt": "text", "messages": "chat"}[present[0]]
+
+
+class ScoreRequest(_Strict):
+    sequences: list[ScoreSequence] = Field(min_length=1, description="the rollouts to score")
+    top_k: int = Field(DEFAULT_TOP_K, ge=0, description="teacher top-k per position (0..server max_top_k)")
+    return_entropy: bool = Field(False, description="teacher full-distribution entropy per position")
+    temperature: float = Field(1.0, gt=0.0, allow_inf_nan=False, description="divides logits first")
+    return_tokens: bool = Field(False, description="decoded completion token strings, for people")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    scored_tokens: int
+
+
+class SequenceScoresDoc(BaseModel):
+    """JSON shape of one result (documentation; msgpack carries the same keys with packed arrays)."""
+
+    completion_ids: list[int]
+    logprobs: list[float | None]
+    topk_ids: list[list[int]]
+    topk_logprobs: list[list[float | None]]
+    candidate_logprobs: list[list[float | None]] | None = None
+    entropy: list[float] | None = None
+    tokens: list[str] | None = None
+    prompt_tokens: int
+
+
+class ScoreResponseDoc(BaseModel):
+    model: str
+    results: list[SequenceScoresDoc]
+    usage: Usage
+
+
+@dataclass
+class ScoredSequence:
+    """Client-side typed view of one result. Shapes: T = completion length, k = top_k, K = candidates."""
+
+    completion_ids: np.ndarray  # (T,) int32
+    logprobs: np.ndarray  # (T,) float32
+    topk_ids: np.ndarray  # (T, k) int32
+    topk_logprobs: np.ndarray  # (T, k) float32
+    prompt_tokens: int = 0
+    candidate_logprobs: np.ndarray | None = None  # (T, K) float32
+    entropy: np.ndarray | None = None  # (T,) float32
+    tokens: list[str] | None = None
+
+    @classmethod
+    def from_wire(cls, doc: dict[str, Any]) -> ScoredSequence:
+        ids = as_array(doc["completion_ids"], "int32")
+        t = ids.shape[0]
+
+        def mat(key: str, dtype: str) -> np.ndarray | None:
+            if doc.get(key) is None:
+                return None
+            return as_array(doc[key], dtype).reshape(t, -1)
+
+        return cls(
+            completion_ids=ids,
+            logprobs=as_array(doc["logprobs"], "float32"),
+            topk_ids=mat("topk_ids", "int32"),
+            topk_logprobs=mat("topk_logprobs", "float32"),
+            prompt_tokens=int(doc.get("prompt_tokens", 0)),
+            candidate_logprobs=mat("candidate_logprobs", "float32"),
+            entropy=None if doc.get("entropy") is None else as_array(doc["entropy"], "float32"),
+            tokens=doc.get("tokens"),
+        )
+
+
+# ---------------------------------------------------------------------------------------------- generate
+
+
+class GeneratePrompt(_Strict):
+    """One prompt in exactly one form: ``prompt_ids``, ``prompt`` (text) or ``messages`` (chat template)."""
+
+    prompt_ids: list[int] | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+
+    _to_list = field_validator("prompt_ids", mode="before")(classmethod(lambda cls, v: _ids_from_wire(v)))
+
+    @model_validator(mode="after")
+    def _one_form(self) -> GeneratePrompt:
+        given = [k for k in ("prompt_ids", "prompt", "messages") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of prompt_ids, prompt or messages; got {given or 'none'}")
+        return self
+
+
+class GenerateRequest(_Strict):
+    prompts: list[GeneratePrompt] = Field(min_length=1)
+    n: int = Field(1, ge=1, description="samples per prompt")
+    temperature: float = Field(1.0, ge=0.0, allow_inf_nan=False, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    max_tokens: int = Field(256, ge=1)
+    seed: int | None = Field(None, description="makes sampling reproducible for a given server and batch")
+    stop: list[str] | None = Field(None, description="stop strings (not included in the text)")
+    stop_token_ids: list[int] | None = Field(None, description="extra stop tokens besides EOS")
+
+
+class GenerateSampleDoc(BaseModel):
+    completion_ids: list[int]
+    text: str
+    finish_reason: Literal["stop", "length"]
+    cumulative_logprob: float | None
+
+
+class GenerateResultDoc(BaseModel):
+    prompt_tokens: int
+    samples: list[GenerateSampleDoc]
+
+
+class GenerateResponseDoc(BaseModel):
+    model: str
+    results: list[GenerateResultDoc]
+    usage: dict[str, int]
+
+
+# ------------------------------------------------------------------------------------------------- model
+
+
+class Capabilities(BaseModel):
+    candidate_ids: bool = Field(description="log-probs at arbitrary per-position ids (student top-k loss)")
+    entropy: bool = Field(description="full-distribution teacher entropy")
+    temperature: bool = Field(description="temperature other than 1.0 for scoring")
+    generate: bool = Field(description="POST /v1/generate")
+
+
+class ModelInfo(BaseModel):
+    model: str
+    backend: str
+    max_model_len: int
+    max_top_k: int
+    vocab_size: int = Field(description="tokenizer length: ids must be below it")
+    model_vocab_size: int = Field(description="rows of the output layer (may be padded above vocab_size)")
+    tokenizer_fingerprint: str
+    chat_template: bool
+    eos_token_ids: list[int]
+    capabilities: Capabilities
+    limits: dict[str, int] = Field(default_factory=dict, description="per-request limits the server enforces")
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    field: str | None = None
+    value: Any = None
+    limit: Any = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

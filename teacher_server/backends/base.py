@@ -1,0 +1,40 @@
+"""The interface every teacher backend implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+from shared.protocol import Capabilities
+from teacher_server.jobs import GeneratedSample, GenerateParams, ScoreJob, ScoreResult
+
+
+class Backend(ABC):
+    """A loaded teacher. ``load`` runs once in the app's lifespan; the rest is called per request."""
+
+    name: str = "base"
+    tokenizer: Any = None
+    max_model_len: int = 0
+    model_vocab_size: int = 0
+
+    @abstractmethod
+    async def load(self) -> None:
+        """Load weights and tokenizer; afterwards the attributes above are set."""
+
+    @abstractmethod
+    def capabilities(self) -> Capabilities: ...
+
+    @abstractmethod
+    async def score(self, jobs: list[ScoreJob]) -> list[ScoreResult]:
+        """Score sequences; results in the order of ``jobs``."""
+
+    @abstractmethod
+    async def generate(self, prompts: list[list[int]], params: GenerateParams) -> list[list[GeneratedSample]]:
+        """Sample ``params.n`` completions per prompt; results in prompt order."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources (engines, threads)."""
+
+    def stats(self) -> dict[str, float]:
+        """Backend-specific gauges for /metrics (queue depth etc.)."""
+        return {}

@@ -1,0 +1,79 @@
+"""Client errors as part of the interface: every one names the field, the value and the limit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+_MAX_VALUE_CHARS = 200
+
+
+class APIError(Exception):
+    """An error the client can fix (4xx) or a server state it should wait out (503)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        field: str | None = None,
+        value: Any = None,
+        limit: Any = None,
+        type: str = "invalid_request",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.field = status, message, field
+        self.value, self.limit, self.type, self.headers = _short(value), limit, type, headers
+
+    def body(self) -> dict[str, Any]:
+        err = {"type": self.type, "message": self.message, "field": self.field}
+        err.update(value=self.value, limit=self.limit)
+        return {"error": err}
+
+
+def _short(value: Any) -> Any:
+    """Keep echoed values small: a 100k-element list is summarised, not returned."""
+    if isinstance(value, (list, tuple)) and len(value) > 8:
+        return f"[{len(value)} items]"
+    if isinstance(value, dict):
+        return f"{{object with keys {sorted(value)[:8]}}}"
+    if isinstance(value, str) and len(value) > _MAX_VALUE_CHARS:
+        return value[:_MAX_VALUE_CHARS] + "..."
+    if isinstance(value, float) and value != value:
+        return "NaN"
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return str(value)
+    return value
+
+
+def field_path(loc: tuple[Any, ...]) -> str:
+    """pydantic loc ('sequences', 2, 'completion_ids', 5) -> 'sequences[2].completion_ids[5]'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+_LIMIT_KEYS = ("ge", "gt", "le", "lt", "min_length", "max_length", "expected")
+
+
+def from_validation_error(exc: ValidationError) -> APIError:
+    """The first pydantic error as an APIError (422), with a summary of the others in the message."""
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    loc = tuple(p for p in first["loc"] if p not in ("function-after[_one_form(), ScoreSequence]",))
+    where = field_path(loc)
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = f"unknown field {loc[-1]!r} (check the spelling; see GET /docs for the schema)"
+    ctx = first.get("ctx") or {}
+    limit = next((f"{k} {ctx[k]}" for k in _LIMIT_KEYS if k in ctx), None)
+    more = f" (and {len(errors) - 1} more error(s))" if len(errors) > 1 else ""
+    return APIError(
+        422, f"{where or 'body'}: {msg}{more}", field=where or None, value=first.get("input"), limit=limit
+    )
