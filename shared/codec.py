@@ -66,13 +66,13 @@ def _wire_array(arr: np.ndarray) -> np.ndarray:
     """Cast to the wire dtype: ids to int32, log-probs to float32 (the contract), others kept if known."""
     if arr.dtype.kind in "iu" and arr.dtype != np.uint8:
         if arr.size and (arr.max() > np.iinfo(np.int32).max or arr.min() < np.iinfo(np.int32).min):
-            return np.ascontiguousarray(arr, dtype="<i8")
-        return np.ascontiguousarray(arr, dtype="<i4")
+            return arr.astype("<i8", order="C", copy=False)
+        return arr.astype("<i4", order="C", copy=False)
     if arr.dtype.kind == "f" and arr.dtype != np.float16:
-        return np.ascontiguousarray(arr, dtype="<f4")
+        return arr.astype("<f4", order="C", copy=False)
     if arr.dtype.kind == "b":
-        return np.ascontiguousarray(arr, dtype="|u1")
-    arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+        return arr.astype("|u1", order="C", copy=False)
+    arr = arr.astype(arr.dtype.newbyteorder("<"), order="C", copy=False)
     if arr.dtype not in _CODES:
         raise CodecError(f"cannot pack arrays of dtype {arr.dtype}")
     return arr
@@ -183,9 +183,8 @@ def as_array(value: Any, dtype: str) -> np.ndarray:
 
 
 def _float_list(value: Any, dtype: str) -> np.ndarray:
-    try:
-        return np.asarray(value, dtype=dtype)
-    except TypeError:  # JSON nulls stand for -inf log-probs
-        arr = np.asarray(value, dtype=object)
-        arr[np.equal(arr, None)] = -np.inf
-        return arr.astype(dtype)
+    arr = np.asarray(value, dtype=dtype)  # JSON nulls (non-finite log-probs) arrive as NaN here
+    if np.isnan(arr).any():
+        obj = np.asarray(value, dtype=object)
+        arr = np.where(np.equal(obj, None), -np.inf, obj).astype(dtype)
+    return arr

@@ -47,7 +47,7 @@ class ScoreSequence(_Strict):
 
     * token form: ``prompt_ids`` + ``completion_ids``;
     * text form: ``prompt`` + ``completion`` (tokenized separately by the teacher's tokenizer, no special
-      tokens added to the completion);
+      tokens added to the completion) or ``completion_ids``;
     * chat form: ``messages`` + (``completion`` or ``completion_ids``); the prompt is rendered with the
       TEACHER's chat template with ``add_generation_prompt=True``.
     """
@@ -75,7 +75,7 @@ class ScoreSequence(_Strict):
         )
         allowed = {
             "tokens": {"prompt_ids", "completion_ids"},
-            "text": {"prompt", "completion"},
+            "text": {"prompt", "completion", "completion_ids"},
             "chat": {"messages", "completion", "completion_ids"},
         }
         if form is None:
@@ -89,10 +89,8 @@ class ScoreSequence(_Strict):
         has_ids, has_text = self.completion_ids is not None, self.completion is not None
         if form == "tokens" and not has_ids:
             raise ValueError("token form needs completion_ids")
-        if form == "text" and not has_text:
-            raise ValueError("text form needs completion")
-        if form == "chat" and has_ids == has_text:
-            raise ValueError("chat form needs exactly one of completion (text) or completion_ids")
+        if form in ("text", "chat") and has_ids == has_text:
+            raise ValueError(f"{form} form needs exactly one of completion (text) or completion_ids")
         return self
 
     @property

@@ -73,6 +73,7 @@ class ServerState:
             has_chat_template=has_template,
             candidate_ids=caps.candidate_ids,
             temperature=caps.temperature,
+            entropy=caps.entropy,
             backend=b.name,
         )
         eos = tok.eos_token_id
@@ -220,7 +221,8 @@ async def _parse(request: Request, model: type[BaseModel], state: ServerState) -
     if fmt is None:
         raise APIError(
             415,
-            f"Content-Type {ctype!r} is not supported; send application/json or application/msgpack",
+            f"Content-Type {ctype!r} is not supported; send application/json or application/msgpack "
+            "(with curl: -H 'Content-Type: application/json')",
             field="Content-Type",
             value=ctype,
             limit="application/json | application/msgpack",

@@ -34,7 +34,9 @@ class APIError(Exception):
 
 
 def _short(value: Any) -> Any:
-    """Keep echoed values small: a 100k-element list is summarised, not returned."""
+    """Keep echoed values small and JSON-safe: a 100k-element list is summarised, not returned."""
+    if hasattr(value, "dtype") and hasattr(value, "shape"):
+        return f"[packed array {value.dtype} shape {list(value.shape)}]"
     if isinstance(value, (list, tuple)) and len(value) > 8:
         return f"[{len(value)} items]"
     if isinstance(value, dict):
@@ -45,7 +47,11 @@ def _short(value: Any) -> Any:
         return "NaN"
     if isinstance(value, float) and value in (float("inf"), float("-inf")):
         return str(value)
-    return value
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_short(v) for v in value]
+    return repr(value)[:_MAX_VALUE_CHARS]
 
 
 def field_path(loc: tuple[Any, ...]) -> str:

@@ -25,6 +25,7 @@ class Limits:
     has_chat_template: bool
     candidate_ids: bool = True  # capability
     temperature: bool = True  # capability
+    entropy: bool = True  # capability
     backend: str = "hf"
 
 
@@ -200,6 +201,15 @@ def score_jobs(req: ScoreRequest, tokenizer: Any, limits: Limits) -> list[ScoreJ
             field="temperature",
             value=req.temperature,
             limit="1.0",
+        )
+    if req.return_entropy and not limits.entropy:
+        raise APIError(
+            422,
+            f"return_entropy: the {limits.backend} backend cannot compute the teacher's full-distribution "
+            "entropy; send false or use the hf backend (see GET /v1/model capabilities)",
+            field="return_entropy",
+            value=True,
+            limit="capabilities.entropy = false",
         )
     jobs = [_job(seq, req, tokenizer, f"sequences[{i}]", limits) for i, seq in enumerate(req.sequences)]
     total = sum(j.num_tokens for j in jobs)

@@ -1,0 +1,418 @@
+"""Transport of the teacher client: endpoints, load balancing, retries with backoff, typed errors, stats.
+
+One logical request (a chunk of sequences) goes to the healthy endpoint with the fewest outstanding
+requests (round-robin among equals). A connection error, a timeout, 408, 429 or 5xx marks that endpoint down
+for a cool-down (exponential in its consecutive failures, full jitter, never shorter than the server's
+Retry-After) and the request moves on: at once to another healthy endpoint if there is one, else it waits
+for the first endpoint to come back. That repeats until the call's deadline (``max_wait_s``) or
+``max_attempts``, then :class:`TeacherUnavailable`. Any other 4xx is the caller's mistake and is raised at
+once as :class:`TeacherRequestError`, with the server's message.
+
+Each request's result is handed back exactly once, so a dead teacher can delay a training step but never
+lose or double one. Scoring is idempotent, so re-sending a request whose answer was lost is safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import math
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from shared import codec
+
+log = logging.getLogger("student_trainer.teacher_client")
+
+RETRYABLE_STATUS = frozenset({408, 429})  # plus every 5xx
+
+
+# ------------------------------------------------------------------------------------------------- errors
+
+
+class TeacherError(Exception):
+    """Base of every error the teacher client raises."""
+
+
+class TeacherInputError(TeacherError, ValueError):
+    """A bad argument to the client (caught before anything is sent): names the field, value and limit."""
+
+
+class TeacherRequestError(TeacherError):
+    """The server refused the request (4xx other than 408/429). Retrying cannot help: fix the request."""
+
+    def __init__(
+        self,
+        url: str,
+        status: int,
+        message: str,
+        *,
+        type: str | None = None,
+        field: str | None = None,
+        value: Any = None,
+        limit: Any = None,
+    ) -> None:
+        self.url, self.status, self.message = url, status, message
+        self.type, self.field, self.value, self.limit = type, field, value, limit
+        super().__init__(f"teacher {url} answered HTTP {status}: {message}")
+
+
+class TeacherUnavailable(TeacherError):
+    """No endpoint answered within the retry budget. ``errors`` maps each URL tried to its last error."""
+
+    def __init__(self, what: str, attempts: int, waited_s: float, budget: str, errors: Mapping[str, str]):
+        self.attempts, self.waited_s, self.errors = attempts, waited_s, dict(errors)
+        last = "; ".join(f"{url}: {err}" for url, err in errors.items())
+        super().__init__(
+            f"no teacher answered {what} after {attempts} attempt(s) over {waited_s:.1f}s ({budget}); "
+            f"last errors: {last}"
+        )
+
+
+class TeacherProtocolError(TeacherError):
+    """A 2xx answer the client cannot use (undecodable body, wrong number of results, ids that differ)."""
+
+
+class TeacherIncompatible(TeacherError):
+    """The teacher(s) cannot serve this student or loss: tokenizer fingerprint or capability mismatch."""
+
+
+# ------------------------------------------------------------------------------------------ retry policy
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long one client call keeps retrying. Defaults outlast a teacher restart of a few minutes."""
+
+    max_wait_s: float = 600.0  # per call: retrying stops (TeacherUnavailable) once this much time has passed
+    max_attempts: int | None = None  # per request; None = bounded by max_wait_s only
+    base_delay_s: float = 0.25  # cool-down after an endpoint's first failure (before jitter)
+    max_delay_s: float = 10.0  # cap of the exponential cool-down (Retry-After may ask for longer)
+
+    def __post_init__(self) -> None:
+        if not self.max_wait_s >= 0:
+            raise TeacherInputError(f"max_wait_s must be >= 0 seconds, got {self.max_wait_s}")
+        if self.max_attempts is not None and self.max_attempts < 1:
+            raise TeacherInputError(f"max_attempts must be >= 1 or None (no limit), got {self.max_attempts}")
+        if not 0 < self.base_delay_s <= self.max_delay_s:
+            raise TeacherInputError(
+                f"need 0 < base_delay_s <= max_delay_s, got base_delay_s={self.base_delay_s}, "
+                f"max_delay_s={self.max_delay_s}"
+            )
+
+    def describe(self) -> str:
+        attempts = f", max_attempts={self.max_attempts}" if self.max_attempts else ""
+        return f"max_wait_s={self.max_wait_s:g}{attempts}"
+
+
+def backoff_delay(failures: int, base_s: float, cap_s: float, u: float) -> float:
+    """Exponential backoff with full jitter: ``u * min(cap, base * 2**(failures - 1))``, ``u`` in [0, 1).
+
+    Full jitter (AWS architecture blog, "Exponential Backoff And Jitter") spreads clients that failed
+    together, so a restarted teacher is not hit by all of them in the same millisecond.
+    """
+    if failures < 1:
+        return 0.0
+    return u * min(cap_s, base_s * 2.0 ** min(failures - 1, 62))
+
+
+def parse_retry_after(value: str | None, now_epoch: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date); None when absent/bad."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    now = time.time() if now_epoch is None else now_epoch
+    return max(0.0, when.timestamp() - now)
+
+
+# ----------------------------------------------------------------------------------------------- chunking
+
+
+def split_contiguous(
+    weights_N: Sequence[int], parts: int, max_items: int, max_weight: int | None = None
+) -> list[tuple[int, int]]:
+    """Cut N items into contiguous ``[start, end)`` ranges balanced by weight.
+
+    At least ``min(parts, N)`` ranges (fewer only when single items outweigh the rest), each with at most
+    ``max_items`` items and at most ``max_weight`` total weight (an item heavier than that gets a range of
+    its own). Contiguous ranges keep results in request order when reassembled.
+    """
+    n = len(weights_N)
+    if n == 0:
+        return []
+    total = sum(weights_N)
+    parts = max(parts, math.ceil(n / max_items), math.ceil(total / max_weight) if max_weight else 1)
+    target = total / min(parts, n)
+    ranges: list[tuple[int, int]] = []
+    start, acc, before = 0, 0, 0  # acc: weight of the open range, before: weight of closed ranges
+    for i, w in enumerate(weights_N):
+        full = i - start >= max_items or (max_weight is not None and acc + w > max_weight)
+        # close the open range when this item's midpoint passes the next balanced boundary
+        balanced = before + acc + w / 2 > target * (len(ranges) + 1)
+        if i > start and (full or balanced):
+            ranges.append((start, i))
+            start, before, acc = i, before + acc, 0
+        acc += w
+    ranges.append((start, n))
+    return ranges
+
+
+# ------------------------------------------------------------------------------------------------- stats
+
+
+@dataclass
+class ClientStats:
+    """Client-side counters for the trainer's metrics; :meth:`summary` gives namespaced floats."""
+
+    requests: int = 0  # successful HTTP exchanges
+    failures: int = 0  # failed attempts (connection errors, timeouts, retryable statuses)
+    retries: int = 0  # attempts that followed a failure
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    backoff_s: float = 0.0  # time requests spent waiting for an endpoint to come back
+    latencies_s: list[float] = field(default_factory=list)  # per successful request
+    status_failures: dict[int, int] = field(default_factory=dict)  # e.g. {503: 2}
+    requests_per_url: dict[str, int] = field(default_factory=dict)
+
+    def summary(self, prefix: str = "teacher/") -> dict[str, float]:
+        lat = sorted(self.latencies_s)
+        out = {
+            "requests": float(self.requests),
+            "failures": float(self.failures),
+            "retries": float(self.retries),
+            "bytes_sent": float(self.bytes_sent),
+            "bytes_received": float(self.bytes_received),
+            "backoff_s": self.backoff_s,
+            "latency_mean_s": sum(lat) / len(lat) if lat else 0.0,
+            "latency_p50_s": lat[len(lat) // 2] if lat else 0.0,
+            "latency_max_s": lat[-1] if lat else 0.0,
+        }
+        return {prefix + k: v for k, v in out.items()}
+
+
+# ------------------------------------------------------------------------------------------------- pool
+
+
+@dataclass
+class Endpoint:
+    """One teacher URL and what the client knows about its health."""
+
+    url: str
+    outstanding: int = 0
+    failures: int = 0  # consecutive
+    down_until: float = 0.0  # time.monotonic() before which the endpoint is avoided
+    last_error: str | None = None
+
+
+@dataclass
+class _Failure:
+    reason: str
+    retry_after: float | None = None
+    status: int | None = None
+
+
+@dataclass
+class Reply:
+    url: str
+    status: int
+    content: bytes
+    content_type: str
+
+
+def error_from_response(url: str, response: httpx.Response) -> TeacherRequestError:
+    """The server's ``{"error": {type, message, field, value, limit}}`` body as a typed exception."""
+    try:
+        doc = codec.decode(response.content, codec.media_type(response.headers.get("content-type")) or "")
+        err = doc["error"] if isinstance(doc, dict) and isinstance(doc.get("error"), dict) else {}
+    except (codec.CodecError, KeyError):
+        err = {}
+    message = err.get("message") or response.text[:300] or response.reason_phrase
+    return TeacherRequestError(
+        url,
+        response.status_code,
+        str(message),
+        type=err.get("type"),
+        field=err.get("field"),
+        value=err.get("value"),
+        limit=err.get("limit"),
+    )
+
+
+class EndpointPool:
+    """Load balancing and retries over several teacher URLs sharing one pooled ``httpx.AsyncClient``.
+
+    ``max_inflight_per_endpoint`` bounds concurrent requests to the pool as a whole (times the number of
+    endpoints), so while one endpoint is down the others take its share.
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        http: httpx.AsyncClient,
+        policy: RetryPolicy,
+        max_inflight_per_endpoint: int = 4,
+        seed: int | None = None,
+    ) -> None:
+        self.endpoints = [Endpoint(u) for u in urls]
+        self.http = http
+        self.policy = policy
+        self.stats = ClientStats()
+        self._slots = asyncio.Semaphore(max_inflight_per_endpoint * len(urls))
+        self._rng = random.Random(seed)
+        self._next = 0  # round-robin cursor among equally loaded endpoints
+
+    # -------------------------------------------------------------------------------------- selection
+    def _healthy(self, now: float) -> list[int]:
+        return [i for i, e in enumerate(self.endpoints) if e.down_until <= now]
+
+    def pick(self, now: float) -> Endpoint | None:
+        """The healthy endpoint with the fewest outstanding requests (round-robin on ties), or None."""
+        healthy = self._healthy(now)
+        if not healthy:
+            return None
+        n = len(self.endpoints)
+        best = min(healthy, key=lambda i: (self.endpoints[i].outstanding, (i - self._next) % n))
+        self._next = (best + 1) % n
+        return self.endpoints[best]
+
+    def _mark_ok(self, ep: Endpoint) -> None:
+        if ep.failures:
+            log.info("teacher %s is answering again", ep.url)
+        ep.failures, ep.down_until, ep.last_error = 0, 0.0, None
+
+    def _mark_failed(self, ep: Endpoint, failure: _Failure, now: float) -> None:
+        # Requests that were in flight together all fail together: count one failure per outage step,
+        # not one per request, so the cool-down does not jump to its cap after a single outage.
+        if ep.down_until <= now:
+            ep.failures += 1
+        delay = backoff_delay(
+            ep.failures, self.policy.base_delay_s, self.policy.max_delay_s, self._rng.random()
+        )
+        ep.down_until = max(ep.down_until, now + max(delay, failure.retry_after or 0.0))
+        ep.last_error = failure.reason
+
+    # ------------------------------------------------------------------------------------------ sending
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        deadline: float,
+        timeout: float | httpx.Timeout | None = None,
+        endpoint: Endpoint | None = None,
+    ) -> Reply:
+        """Send one logical request with retries; return the first 2xx reply.
+
+        ``deadline`` (``time.monotonic()``) is shared by all requests of one client call. ``endpoint`` pins
+        the request to one URL (used for per-URL queries such as ``/v1/model``).
+        """
+        attempts, start, errors = 0, time.monotonic(), {}
+        while True:
+            ep = await self._wait_for_endpoint(deadline, endpoint)
+            attempts += 1
+            if attempts > 1:
+                self.stats.retries += 1
+            failure, reply = await self._attempt(ep, method, path, content, headers, timeout)
+            if reply is not None:
+                return reply
+            now = time.monotonic()
+            self._mark_failed(ep, failure, now)
+            errors[ep.url] = failure.reason
+            budget_spent = now >= deadline
+            attempts_spent = self.policy.max_attempts is not None and attempts >= self.policy.max_attempts
+            if budget_spent or attempts_spent:
+                raise TeacherUnavailable(
+                    f"{method} {path}", attempts, now - start, self.policy.describe(), errors
+                )
+            log.warning(
+                "teacher %s%s failed (%s); attempt %d, retrying%s",
+                ep.url,
+                path,
+                failure.reason,
+                attempts,
+                "" if endpoint else " on the next available teacher",
+            )
+
+    async def _wait_for_endpoint(self, deadline: float, pinned: Endpoint | None) -> Endpoint:
+        """A healthy endpoint now, or the first to come back (waiting at most until the deadline)."""
+        now = time.monotonic()
+        if pinned is None:
+            ep = self.pick(now)
+            if ep is not None:
+                return ep
+            ep = min(self.endpoints, key=lambda e: e.down_until)
+        else:
+            ep = pinned
+        wait = min(ep.down_until, deadline) - now
+        if wait > 0:
+            self.stats.backoff_s += wait
+            await asyncio.sleep(wait)
+            if pinned is None:  # another endpoint may have recovered meanwhile
+                ep = self.pick(time.monotonic()) or ep
+        return ep
+
+    async def _attempt(
+        self,
+        ep: Endpoint,
+        method: str,
+        path: str,
+        content: bytes | None,
+        headers: Mapping[str, str] | None,
+        timeout: float | httpx.Timeout | None,
+    ) -> tuple[_Failure | None, Reply | None]:
+        url = ep.url + path
+        async with self._slots:
+            ep.outstanding += 1
+            t0 = time.perf_counter()
+            try:
+                kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+                response = await self.http.request(method, url, content=content, headers=headers, **kwargs)
+            except httpx.TransportError as exc:  # connect/read/write errors, timeouts, broken connections
+                self.stats.failures += 1
+                return _Failure(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__), None
+            finally:
+                ep.outstanding -= 1
+            latency = time.perf_counter() - t0
+        status = response.status_code
+        if status >= 500 or status in RETRYABLE_STATUS:
+            self.stats.failures += 1
+            self.stats.status_failures[status] = self.stats.status_failures.get(status, 0) + 1
+            err = error_from_response(url, response)
+            return _Failure(
+                f"HTTP {status}: {err.message}",
+                parse_retry_after(response.headers.get("retry-after")),
+                status,
+            ), None
+        self._mark_ok(ep)  # the server answered: it is alive even when it refuses the request
+        if status >= 400:
+            raise error_from_response(url, response)
+        st = self.stats
+        st.requests += 1
+        st.bytes_sent += len(content or b"")
+        st.bytes_received += len(response.content)
+        st.latencies_s.append(latency)
+        st.requests_per_url[ep.url] = st.requests_per_url.get(ep.url, 0) + 1
+        return None, Reply(ep.url, status, response.content, response.headers.get("content-type", ""))
+
+    def take_stats(self) -> ClientStats:
+        """The counters since the last call, and start new ones."""
+        stats, self.stats = self.stats, ClientStats()
+        return stats
