@@ -156,3 +156,51 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# Real model shapes for benchmarks with random weights (config only, nothing downloaded). Values from the
+# published Qwen3 configs.
+QWEN3_SHAPES: dict[str, dict] = {
+    "qwen3-1.7b": dict(
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+    ),
+    "qwen3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=False,
+    ),
+}
+QWEN3_VOCAB = 151936
+
+
+def save_shape_config(out_dir: str | Path, shape: str, tokenizer=None) -> Path:
+    """Write ``config.json`` of a real Qwen3 shape plus the tiny tokenizer (no weights): serve it with
+    ``teacher-server --load-format dummy`` or build it with ``AutoModelForCausalLM.from_config``."""
+    from transformers import Qwen3Config
+
+    if shape not in QWEN3_SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(QWEN3_SHAPES)}")
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = Qwen3Config(
+        vocab_size=QWEN3_VOCAB,
+        max_position_embeddings=40960,
+        rope_theta=1_000_000,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **QWEN3_SHAPES[shape],
+    )
+    config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

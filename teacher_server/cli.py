@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N (hf backend)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
+    g.add_argument(
+        "--load-format",
+        default=d.load_format,
+        choices=["auto", "dummy"],
+        help="dummy = random weights from config.json (benchmarks; like vLLM's --load-format dummy)",
+    )
     g = p.add_argument_group("limits")
     g.add_argument("--max-top-k", type=int, default=d.max_top_k, help="largest top_k a request may ask")
     g.add_argument(

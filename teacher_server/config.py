@@ -34,6 +34,7 @@ class ServerConfig:
     logits_chunk_mib: int = 512  # fp32 logits budget per chunk (hf)
     api_key: str | None = None
     trust_remote_code: bool = False
+    load_format: str = "auto"  # auto | dummy (random weights from config.json, as vLLM's --load-format dummy)
     # vLLM engine options
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
@@ -72,6 +73,10 @@ class ServerConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ConfigError(
+                f"--load-format {self.load_format!r} is unknown; use auto or dummy (random weights)"
+            )
         if self.batch_window_ms < 0:
             raise ConfigError(f"--batch-window-ms must be >= 0, got {self.batch_window_ms}")
         if not 0 < self.gpu_memory_utilization <= 1:

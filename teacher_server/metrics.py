@@ -40,6 +40,8 @@ class Metrics:
         )
         self.queue_tokens = Gauge("teacher_queue_tokens", "tokens waiting for a forward batch", registry=r)
         self.rejected = Counter("teacher_rejected", "requests refused with 503 (queue full)", registry=r)
+        self.gpu_peak = Gauge("teacher_gpu_peak_bytes", "peak GPU memory allocated by torch", registry=r)
+        self.gpu_allocated = Gauge("teacher_gpu_allocated_bytes", "GPU memory allocated by torch", registry=r)
         self.ready = Gauge("teacher_ready", "1 once the model is loaded", registry=r)
 
     def observe_batch(self, sequences: int, tokens: int, seconds: float) -> None:
@@ -50,4 +52,6 @@ class Metrics:
     def render(self, backend_stats: dict[str, float]) -> bytes:
         self.queue_jobs.set(backend_stats.get("queue_jobs", 0))
         self.queue_tokens.set(backend_stats.get("queue_tokens", 0))
+        self.gpu_peak.set(backend_stats.get("gpu_peak_bytes", 0))
+        self.gpu_allocated.set(backend_stats.get("gpu_allocated_bytes", 0))
         return generate_latest(self.registry)

@@ -67,13 +67,22 @@ class HFBackend(Backend):
         self._batcher.start()
 
     def _load_sync(self) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         cfg = self.config
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            cfg.model, dtype=self.dtype, trust_remote_code=cfg.trust_remote_code
-        ).to(self.device)
+        remote = cfg.trust_remote_code
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=remote)
+        if cfg.load_format == "dummy":  # random weights, initialised directly on the device
+            model_config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=remote)
+            with torch.device(self.device):
+                self.model = AutoModelForCausalLM.from_config(
+                    model_config, dtype=self.dtype, trust_remote_code=remote
+                )
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                cfg.model, dtype=self.dtype, trust_remote_code=remote
+            )
+            self.model.to(self.device)
         self.model.eval()
         mc = self.model.config
         self.model_vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
@@ -108,7 +117,11 @@ class HFBackend(Backend):
 
     def stats(self) -> dict[str, float]:
         b = self._batcher
-        return {"queue_jobs": b.queued_jobs, "queue_tokens": b.queued_tokens} if b else {}
+        out = {"queue_jobs": b.queued_jobs, "queue_tokens": b.queued_tokens} if b else {}
+        if self.device.type == "cuda":
+            out["gpu_peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            out["gpu_allocated_bytes"] = torch.cuda.memory_allocated(self.device)
+        return out
 
     async def close(self) -> None:
         if self._batcher:
