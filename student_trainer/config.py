@@ -1,0 +1,276 @@
+"""Typed training configuration: YAML file + ``key.sub=value`` overrides, validated with fixes in the messages.
+
+Defaults are the paper's (arXiv 2604.13016 / One-Shot-OPD README): lr 1e-6 constant, AdamW (0.9, 0.999,
+wd 0.01), clip 1.0, 64 prompts per step, 1 response each, student top-k loss with k = 16, temperature 1.0,
+top-p 1.0, max response 7,680 tokens, token-mean aggregation, strictly on-policy (one update per batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+LOSSES = ("student_topk", "sampled_token", "teacher_topk", "full_vocab")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the value and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    student: str = ""  # local dir or hub id
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class TeacherConfig:
+    urls: list[str] = field(default_factory=list)  # one or more teacher-server endpoints
+    local: str | None = None  # in-process teacher model (required by the full_vocab loss)
+    api_key: str | None = None  # default: $TEACHER_API_KEY
+    timeout_s: float = 300.0
+    max_retry_wait_s: float = 600.0  # keep retrying a dead teacher this long before failing the step
+    max_sequences_per_request: int = 64
+    allow_tokenizer_mismatch: bool = False
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # JSONL / parquet / datasets name
+    question_field: str = "question"
+    answer_field: str | None = None
+    student_template: str = "chat"  # "chat" (student's chat template) or a string containing {question}
+    system_prompt: str | None = None
+    teacher_prompt: str = "same"  # "same" | "chat" (teacher's own template, server-side) | a {question} string
+    seed: int = 0
+
+
+@dataclass
+class RolloutConfig:
+    n: int = 1  # responses per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 7680
+    static_cache: bool = False  # transformers static cache (faster on GPU)
+
+
+@dataclass
+class LossConfig:
+    type: str = "student_topk"
+    top_k: int = 16
+    topk_form: str = "paper"  # paper (code semantics) | direct (renormalised, differentiable form)
+    chunk_rows: int = 1024  # rows of [tokens, vocab] logits materialised at once
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    schedule: str = "constant"  # constant | linear | cosine
+    warmup_steps: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    prompts_per_step: int = 64  # global, across processes
+    micro_batch_prompts: int = 8  # per process and forward; gradient accumulation covers the rest
+    seed: int = 0
+    output_dir: str = "runs/opd"
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    sample_every: int = 10  # print a decoded rollout this often (0 = never)
+
+
+@dataclass
+class EvalConfig:
+    data: str | None = None  # held-out problems (JSONL) with reference answers
+    every: int = 0  # 0 = never during training
+    question_field: str = "question"
+    answer_field: str = "answer"
+    n: int = 1
+    greedy: bool = True
+    extractor: str = "math"
+    max_new_tokens: int = 512
+    limit: int | None = None
+
+
+@dataclass
+class LoggingConfig:
+    trackers: list[str] = field(default_factory=lambda: ["jsonl"])  # + tensorboard / wandb when installed
+    project: str = "opd"
+    plot: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad value and how to fix it."""
+        m, t, d, r, lo, o, tr = self.model, self.teacher, self.data, self.rollout, self.loss, self.optim, self.train
+        _check(lo.type in LOSSES, f"loss.type={lo.type!r} is unknown; choose one of {', '.join(LOSSES)}")
+        _check(lo.topk_form in ("paper", "direct"), f"loss.topk_form={lo.topk_form!r}: use paper or direct")
+        _check(lo.top_k >= 1 or lo.type == "sampled_token", f"loss.top_k={lo.top_k} must be >= 1 for {lo.type}")
+        _check(lo.chunk_rows >= 1, f"loss.chunk_rows={lo.chunk_rows} must be >= 1")
+        _check(m.dtype in ("auto", "float32", "bfloat16", "float16"), f"model.dtype={m.dtype!r}: use auto, float32 "
+               "or bfloat16")
+        if lo.type == "full_vocab":
+            _check(bool(t.local), "loss.type=full_vocab needs the teacher's whole distribution: set teacher.local "
+                   "to a local teacher model directory (an HTTP teacher sends only top-k)")
+        _check(r.temperature > 0, f"rollout.temperature={r.temperature} must be > 0 (on-policy sampling)")
+        _check(0 < r.top_p <= 1, f"rollout.top_p={r.top_p} must be in (0, 1]")
+        _check(r.n >= 1 and r.max_new_tokens >= 1, f"rollout.n={r.n} and max_new_tokens={r.max_new_tokens} must be >= 1")
+        _check(o.lr > 0, f"optim.lr={o.lr} must be > 0")
+        _check(o.schedule in ("constant", "linear", "cosine"), f"optim.schedule={o.schedule!r}: use constant, "
+               "linear or cosine")
+        _check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping)")
+        _check(tr.steps >= 1, f"train.steps={tr.steps} must be >= 1")
+        _check(tr.prompts_per_step >= 1 and tr.micro_batch_prompts >= 1,
+               f"train.prompts_per_step={tr.prompts_per_step} and micro_batch_prompts={tr.micro_batch_prompts} "
+               "must be >= 1")
+        _check(tr.save_every >= 0 and tr.log_every >= 1, "train.save_every must be >= 0 and log_every >= 1")
+        _check(d.student_template == "chat" or "{question}" in d.student_template,
+               f"data.student_template={d.student_template!r} must be 'chat' or contain {{question}}")
+        _check(d.teacher_prompt in ("same", "chat") or "{question}" in d.teacher_prompt,
+               f"data.teacher_prompt={d.teacher_prompt!r} must be 'same', 'chat' or contain {{question}}")
+
+    def check_runnable(self) -> None:
+        """Checks that need values a config file may leave for the command line."""
+        _check(bool(self.model.student), "model.student is empty: set it to the student model directory or hub id")
+        _check(bool(self.teacher.urls) or bool(self.teacher.local),
+               "no teacher: set teacher.urls (e.g. [http://localhost:8000]) or teacher.local (a model directory)")
+        _check(bool(self.data.path), "data.path is empty: set it to a JSONL/parquet prompt file or a dataset name")
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = dataclasses.asdict(self)
+        if doc["teacher"]["api_key"]:
+            doc["teacher"]["api_key"] = "***"
+        return doc
+
+    def dump(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _coerce(value: Any, target: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, with an error naming the key.
+
+    Note YAML reads ``1e-6`` (no dot) as a string; floats are therefore parsed with ``float()``.
+    """
+    origin = getattr(target, "__origin__", None)
+    if isinstance(value, str) and target is not str:
+        if target is float:
+            try:
+                return float(value)
+            except ValueError:
+                return _bad(key, value, target)
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return _bad(key, value, target)
+    is_num = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if target is float and is_num:
+        return float(value)
+    if target is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if target is bool and isinstance(value, bool):
+        return value
+    if target is str and isinstance(value, str):
+        return value
+    if origin is tuple and isinstance(value, (list, tuple)):
+        return tuple(value)
+    if origin is list:
+        return [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else _bad(
+            key, value, target)
+    return _bad(key, value, target)
+
+
+def _bad(key: str, value: Any, target: Any) -> Any:
+    name = getattr(target, "__name__", str(target))
+    raise ConfigError(f"{key}={value!r} should be of type {name}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(cls)
+
+
+def from_dict(doc: dict[str, Any]) -> Config:
+    """Build a Config from nested dicts; unknown sections or keys are errors that list the valid ones."""
+    sections = {}
+    hints = _field_types(Config)
+    for name, value in (doc or {}).items():
+        if name not in hints:
+            raise ConfigError(f"unknown config section {name!r}; valid sections: {', '.join(hints)}")
+        if not isinstance(value, dict):
+            raise ConfigError(f"config section {name!r} must be a mapping, got {type(value).__name__}")
+        cls = hints[name]
+        fields = _field_types(cls)
+        kwargs = {}
+        for key, v in value.items():
+            if key not in fields:
+                raise ConfigError(f"unknown key {name}.{key}; valid keys: {', '.join(fields)}")
+            kwargs[key] = _coerce(v, _unoptional(fields[key]), f"{name}.{key}") if v is not None else None
+        sections[name] = cls(**kwargs)
+    return Config(**sections)
+
+
+def _unoptional(tp: Any) -> Any:
+    args = getattr(tp, "__args__", ())
+    if type(None) in args and len(args) == 2:
+        return next(a for a in args if a is not type(None))
+    return tp
+
+
+def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``["train.steps=10", "teacher.urls=[http://a:8000]"]`` applied onto a nested dict."""
+    doc = json.loads(json.dumps(doc or {}))
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.steps=10)")
+        path, value = item.split("=", 1)
+        section, key = path.split(".", 1)
+        doc.setdefault(section, {})[key] = value
+    return doc
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """YAML file (optional) + overrides -> validated Config."""
+    doc: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            doc = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+    return from_dict(apply_overrides(doc, overrides or []))
