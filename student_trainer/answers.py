@@ -99,12 +99,14 @@ def extract_boxed(text: str) -> str | None:
     if not starts:
         return None
     start = starts[-1]
+    while start < len(text) and text[start].isspace():  # "\boxed {5}" is valid LaTeX too
+        start += 1
     if start < len(text) and text[start] == "{":
         group = _read_group(text, start)
         return group[0] if group else None
     # "\boxed 5" form: the rest of the token, up to whitespace, "$" or the end
-    m = re.match(r"\s+([^\s$]+)", text[start:])
-    return m.group(1) if m else None
+    m = re.match(r"[^\s$]+", text[start:])
+    return m.group(0) if m else None
 
 
 def _replace_macro_with_args(text: str, macro: str, nargs: int, render: Callable[[list[str]], str]) -> str:

@@ -84,11 +84,16 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of everything after the matmul: fp32, or fp64 when computing in fp64 (gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _chunk_logits(
     h_C_H: torch.Tensor, w_V_H: torch.Tensor, b_V: torch.Tensor | None, temperature: float
 ) -> torch.Tensor:
     """fp32 logits of one chunk; the matmul runs in the dtype of ``w_V_H``."""
-    logits_C_V = F.linear(h_C_H.to(w_V_H.dtype), w_V_H, b_V).float()
+    logits_C_V = F.linear(h_C_H.to(w_V_H.dtype), w_V_H, b_V).to(_acc(w_V_H.dtype))
     if temperature != 1.0:
         logits_C_V = logits_C_V / temperature
     return logits_C_V
@@ -118,10 +123,10 @@ def _head_grads_(
         grads["hidden"][rows] = dz @ w_V_H
     if "weight" in grads:
         h = h_C_H.to(w_V_H.dtype)
-        if dz.dtype == torch.float32:
+        if dz.dtype == grads["weight"].dtype:
             grads["weight"].addmm_(dz.T, h)
         else:  # bf16 product (fp32 accumulation inside the matmul), then an fp32 running sum over chunks
-            grads["weight"] += (dz.T @ h).float()
+            grads["weight"] += (dz.T @ h).to(grads["weight"].dtype)
     if "bias" in grads:
         grads["bias"] += dz_C_V.sum(0)
 
@@ -133,9 +138,9 @@ def _grad_buffers(
     if ctx.needs_input_grad[0]:
         grads["hidden"] = torch.empty_like(hidden)
     if ctx.needs_input_grad[1]:
-        grads["weight"] = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grads["weight"] = torch.zeros(weight.shape, dtype=_acc(ctx.cdt), device=weight.device)
     if bias is not None and ctx.needs_input_grad[2]:
-        grads["bias"] = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        grads["bias"] = torch.zeros(bias.shape, dtype=_acc(ctx.cdt), device=bias.device)
     return grads
 
 
@@ -188,11 +193,12 @@ class _GatherLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, ids, chunk_rows, temperature, top_k, want_entropy, sink):
         n, m = ids.shape
         cdt = _compute_dtype(hidden, weight)
-        out = torch.empty(n, m, dtype=torch.float32, device=hidden.device)
-        lse_N = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        ent_N = torch.empty(n, dtype=torch.float32, device=hidden.device) if want_entropy else None
+        acc = _acc(cdt)
+        out = torch.empty(n, m, dtype=acc, device=hidden.device)
+        lse_N = torch.empty(n, dtype=acc, device=hidden.device)
+        ent_N = torch.empty(n, dtype=acc, device=hidden.device) if want_entropy else None
         topi = torch.empty(n, top_k, dtype=torch.long, device=hidden.device)
-        topv = torch.empty(n, top_k, dtype=torch.float32, device=hidden.device)
+        topv = torch.empty(n, top_k, dtype=acc, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             w, b = weight.to(cdt), None if bias is None else bias.to(cdt)
             for start in range(0, n, chunk_rows):
@@ -205,9 +211,9 @@ class _GatherLogprobs(torch.autograd.Function):
                     v, i = logits.topk(top_k, dim=-1)
                     topv[rows], topi[rows] = v - lse[:, None], i
                 if ent_N is not None:
-                    logp = logits.sub_(lse[:, None])  # the logits are not needed any more
-                    ent_N[rows] = _entropy_from_logprobs_(logp, logp.exp())
-                del logits
+                    logits.sub_(lse[:, None])  # now log p; the logits are not needed any more
+                    ent_N[rows] = _entropy_from_logprobs_(logits, logits.exp())
+                del logits  # before the next chunk's matmul, or two chunks' logits would be alive
         ctx.save_for_backward(hidden, weight, bias, ids, lse_N)
         ctx.chunk_rows, ctx.temperature, ctx.cdt = chunk_rows, temperature, cdt
         sink.update(entropy=ent_N, topk_ids=topi if top_k else None, topk_logprobs=topv if top_k else None)
@@ -217,7 +223,7 @@ class _GatherLogprobs(torch.autograd.Function):
     def backward(ctx, grad_N_M):
         hidden, weight, bias, ids, lse_N = ctx.saved_tensors
         grads = _grad_buffers(ctx, hidden, weight, bias)
-        g_N_M = grad_N_M.float()
+        g_N_M = grad_N_M.to(_acc(ctx.cdt))
         with torch.autocast(hidden.device.type, enabled=False):
             w, b = weight.to(ctx.cdt), None if bias is None else bias.to(ctx.cdt)
             for start in range(0, hidden.shape[0], ctx.chunk_rows):
@@ -244,7 +250,8 @@ def _gather_checkpointed(
     want_entropy: bool,
 ) -> GatheredLogprobs:
     def chunk_fn(h_C_H: torch.Tensor, ids_C_M: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logits = head(h_C_H).float()
+        logits = head(h_C_H)
+        logits = logits.to(_acc(logits.dtype))
         if temperature != 1.0:
             logits = logits / temperature
         logp = torch.log_softmax(logits, dim=-1)
@@ -326,9 +333,17 @@ def head_logits(teacher_hidden_N_H: torch.Tensor, teacher_head: torch.nn.Module)
 
 
 def _teacher_logprobs(
-    teacher_logits: TeacherLogits, start: int, stop: int, vocab: int, floor: float, extras: dict | None = None
+    teacher_logits: TeacherLogits,
+    start: int,
+    stop: int,
+    vocab: int,
+    floor: float,
+    exact_vocab: bool,
+    extras: dict | None = None,
 ) -> torch.Tensor:
     """Floored teacher log q of rows start..stop over the first ``vocab`` ids, fp32, (C, vocab).
+
+    ``exact_vocab``: the teacher must have exactly ``vocab`` columns (no vocab_size given by the caller).
 
     ``extras`` (if given) receives the unfloored top-k and entropy under the keys "topk" and "entropy".
     """
@@ -338,7 +353,13 @@ def _teacher_logprobs(
             raise ValueError(
                 f"teacher_logits({start}, {stop}) must return ({stop - start}, >= {vocab}), got {tuple(t.shape)}"
             )
-        logq = t[:, :vocab].float()
+        if exact_vocab and t.shape[1] != vocab:
+            raise ValueError(
+                f"teacher logits have {t.shape[1]} columns but the student head has {vocab} rows; if the "
+                "tokenizers are identical and only the configs pad the vocabulary differently, pass "
+                "vocab_size=len(tokenizer)"
+            )
+        logq = t[:, :vocab].to(_acc(t.dtype))
         if (
             logq.data_ptr() == t.data_ptr()
         ):  # .float() of an fp32 tensor is the caller's tensor: keep it intact
@@ -363,16 +384,19 @@ class _FullVocabReverseKL(torch.autograd.Function):
         n, top_k, sample_ids = hidden.shape[0], opts["top_k"], opts["sample_ids"]
         cdt = _compute_dtype(hidden, weight)
         dev = hidden.device
-        kl_N, lse_N, hs_N, ht_N = (torch.empty(n, dtype=torch.float32, device=dev) for _ in range(4))
-        lps_N = torch.empty(n, dtype=torch.float32, device=dev) if sample_ids is not None else None
+        acc = _acc(cdt)
+        kl_N, lse_N, hs_N, ht_N = (torch.empty(n, dtype=acc, device=dev) for _ in range(4))
+        lps_N = torch.empty(n, dtype=acc, device=dev) if sample_ids is not None else None
         lpt_N = torch.empty_like(lps_N) if lps_N is not None else None
-        tops = [torch.empty(n, top_k, dtype=dt, device=dev) for dt in (torch.long, torch.float32) * 2]
+        tops = [torch.empty(n, top_k, dtype=dt, device=dev) for dt in (torch.long, acc) * 2]
         with torch.autocast(dev.type, enabled=False):
             w, b = weight.to(cdt), None if bias is None else bias.to(cdt)
             for start in range(0, n, chunk_rows):
                 rows, stop = slice(start, start + chunk_rows), min(start + chunk_rows, n)
                 extras: dict[str, Any] = {"k": top_k}
-                logq = _teacher_logprobs(teacher_logits, start, stop, w.shape[0], floor, extras)
+                logq = _teacher_logprobs(
+                    teacher_logits, start, stop, w.shape[0], floor, opts["exact"], extras
+                )
                 ht_N[rows] = extras["entropy"]
                 logp = _chunk_logits(hidden[rows], w, b, temperature)
                 lse = torch.logsumexp(logp, dim=-1)
@@ -391,7 +415,7 @@ class _FullVocabReverseKL(torch.autograd.Function):
                 del logp, logq, p, extras
         ctx.save_for_backward(hidden, weight, bias, lse_N, kl_N)
         ctx.teacher_logits, ctx.chunk_rows, ctx.temperature = teacher_logits, chunk_rows, temperature
-        ctx.floor, ctx.cdt = floor, cdt
+        ctx.floor, ctx.cdt, ctx.exact = floor, cdt, opts["exact"]
         sink.update(student_entropy=hs_N, teacher_entropy=ht_N, lps=lps_N, lpt=lpt_N)
         sink["tops"] = tops if top_k else [None] * 4
         return kl_N
@@ -400,19 +424,19 @@ class _FullVocabReverseKL(torch.autograd.Function):
     def backward(ctx, grad_N):
         hidden, weight, bias, lse_N, kl_N = ctx.saved_tensors
         grads = _grad_buffers(ctx, hidden, weight, bias)
-        g_N = grad_N.float()
+        g_N = grad_N.to(_acc(ctx.cdt))
         n = hidden.shape[0]
         with torch.autocast(hidden.device.type, enabled=False):
             w, b = weight.to(ctx.cdt), None if bias is None else bias.to(ctx.cdt)
             for start in range(0, n, ctx.chunk_rows):
                 rows, stop = slice(start, start + ctx.chunk_rows), min(start + ctx.chunk_rows, n)
                 logp = _chunk_logits(hidden[rows], w, b, ctx.temperature).sub_(lse_N[rows, None])
-                logq = _teacher_logprobs(ctx.teacher_logits, start, stop, w.shape[0], ctx.floor)
+                logq = _teacher_logprobs(ctx.teacher_logits, start, stop, w.shape[0], ctx.floor, ctx.exact)
                 p = logp.exp()
-                logp.clamp_(min=torch.finfo(torch.float32).min)  # p = 0 entries must give 0, not NaN
+                logp.clamp_(min=torch.finfo(logp.dtype).min)  # p = 0 entries must give 0, not NaN
                 # dz = g * p * (log p - log q - KL), built in the logp buffer
                 dz = logp.sub_(logq).sub_(kl_N[rows, None]).mul_(p).mul_(g_N[rows, None])
-                del logq, p
+                del logp, logq, p  # dz is the logp buffer; drop every other name of it and the temporaries
                 if ctx.temperature != 1.0:
                     dz.div_(ctx.temperature)
                 _head_grads_(dz, hidden[rows], w, grads, rows)
@@ -465,7 +489,7 @@ def full_vocab_reverse_kl(
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     sink: dict[str, Any] = {}
-    opts = {"top_k": min(top_k, vocab), "sample_ids": sample_ids_N}
+    opts = {"top_k": min(top_k, vocab), "sample_ids": sample_ids_N, "exact": vocab_size is None}
     kl = _FullVocabReverseKL.apply(
         hidden_N_H,
         weight,

@@ -48,7 +48,9 @@ class DataConfig:
     answer_field: str | None = None
     student_template: str = "chat"  # "chat" (student's chat template) or a string containing {question}
     system_prompt: str | None = None
-    teacher_prompt: str = "same"  # "same" | "chat" (teacher's own template, server-side) | a {question} string
+    teacher_prompt: str = (
+        "same"  # "same" | "chat" (teacher's own template, server-side) | a {question} string
+    )
     seed: int = 0
 
 
@@ -130,39 +132,73 @@ class Config:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad value and how to fix it."""
-        m, t, d, r, lo, o, tr = self.model, self.teacher, self.data, self.rollout, self.loss, self.optim, self.train
+        m, t, d, r, lo, o, tr = (
+            self.model,
+            self.teacher,
+            self.data,
+            self.rollout,
+            self.loss,
+            self.optim,
+            self.train,
+        )
         _check(lo.type in LOSSES, f"loss.type={lo.type!r} is unknown; choose one of {', '.join(LOSSES)}")
         _check(lo.topk_form in ("paper", "direct"), f"loss.topk_form={lo.topk_form!r}: use paper or direct")
-        _check(lo.top_k >= 1 or lo.type == "sampled_token", f"loss.top_k={lo.top_k} must be >= 1 for {lo.type}")
+        _check(
+            lo.top_k >= 1 or lo.type == "sampled_token", f"loss.top_k={lo.top_k} must be >= 1 for {lo.type}"
+        )
         _check(lo.chunk_rows >= 1, f"loss.chunk_rows={lo.chunk_rows} must be >= 1")
-        _check(m.dtype in ("auto", "float32", "bfloat16", "float16"), f"model.dtype={m.dtype!r}: use auto, float32 "
-               "or bfloat16")
+        _check(
+            m.dtype in ("auto", "float32", "bfloat16", "float16"),
+            f"model.dtype={m.dtype!r}: use auto, float32 or bfloat16",
+        )
         if lo.type == "full_vocab":
-            _check(bool(t.local), "loss.type=full_vocab needs the teacher's whole distribution: set teacher.local "
-                   "to a local teacher model directory (an HTTP teacher sends only top-k)")
+            _check(
+                bool(t.local),
+                "loss.type=full_vocab needs the teacher's whole distribution: set teacher.local "
+                "to a local teacher model directory (an HTTP teacher sends only top-k)",
+            )
         _check(r.temperature > 0, f"rollout.temperature={r.temperature} must be > 0 (on-policy sampling)")
         _check(0 < r.top_p <= 1, f"rollout.top_p={r.top_p} must be in (0, 1]")
-        _check(r.n >= 1 and r.max_new_tokens >= 1, f"rollout.n={r.n} and max_new_tokens={r.max_new_tokens} must be >= 1")
+        _check(
+            r.n >= 1 and r.max_new_tokens >= 1,
+            f"rollout.n={r.n} and max_new_tokens={r.max_new_tokens} must be >= 1",
+        )
         _check(o.lr > 0, f"optim.lr={o.lr} must be > 0")
-        _check(o.schedule in ("constant", "linear", "cosine"), f"optim.schedule={o.schedule!r}: use constant, "
-               "linear or cosine")
+        _check(
+            o.schedule in ("constant", "linear", "cosine"),
+            f"optim.schedule={o.schedule!r}: use constant, linear or cosine",
+        )
         _check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping)")
         _check(tr.steps >= 1, f"train.steps={tr.steps} must be >= 1")
-        _check(tr.prompts_per_step >= 1 and tr.micro_batch_prompts >= 1,
-               f"train.prompts_per_step={tr.prompts_per_step} and micro_batch_prompts={tr.micro_batch_prompts} "
-               "must be >= 1")
+        _check(
+            tr.prompts_per_step >= 1 and tr.micro_batch_prompts >= 1,
+            f"train.prompts_per_step={tr.prompts_per_step} and micro_batch_prompts={tr.micro_batch_prompts} "
+            "must be >= 1",
+        )
         _check(tr.save_every >= 0 and tr.log_every >= 1, "train.save_every must be >= 0 and log_every >= 1")
-        _check(d.student_template == "chat" or "{question}" in d.student_template,
-               f"data.student_template={d.student_template!r} must be 'chat' or contain {{question}}")
-        _check(d.teacher_prompt in ("same", "chat") or "{question}" in d.teacher_prompt,
-               f"data.teacher_prompt={d.teacher_prompt!r} must be 'same', 'chat' or contain {{question}}")
+        _check(
+            d.student_template == "chat" or "{question}" in d.student_template,
+            f"data.student_template={d.student_template!r} must be 'chat' or contain {{question}}",
+        )
+        _check(
+            d.teacher_prompt in ("same", "chat") or "{question}" in d.teacher_prompt,
+            f"data.teacher_prompt={d.teacher_prompt!r} must be 'same', 'chat' or contain {{question}}",
+        )
 
     def check_runnable(self) -> None:
         """Checks that need values a config file may leave for the command line."""
-        _check(bool(self.model.student), "model.student is empty: set it to the student model directory or hub id")
-        _check(bool(self.teacher.urls) or bool(self.teacher.local),
-               "no teacher: set teacher.urls (e.g. [http://localhost:8000]) or teacher.local (a model directory)")
-        _check(bool(self.data.path), "data.path is empty: set it to a JSONL/parquet prompt file or a dataset name")
+        _check(
+            bool(self.model.student),
+            "model.student is empty: set it to the student model directory or hub id",
+        )
+        _check(
+            bool(self.teacher.urls) or bool(self.teacher.local),
+            "no teacher: set teacher.urls (e.g. [http://localhost:8000]) or teacher.local (a model directory)",
+        )
+        _check(
+            bool(self.data.path),
+            "data.path is empty: set it to a JSONL/parquet prompt file or a dataset name",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         doc = dataclasses.asdict(self)
@@ -207,8 +243,13 @@ def _coerce(value: Any, target: Any, key: str) -> Any:
     if origin is tuple and isinstance(value, (list, tuple)):
         return tuple(value)
     if origin is list:
-        return [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else _bad(
-            key, value, target)
+        return (
+            [value]
+            if isinstance(value, str)
+            else list(value)
+            if isinstance(value, (list, tuple))
+            else _bad(key, value, target)
+        )
     return _bad(key, value, target)
 
 

@@ -15,6 +15,7 @@ recipe tools share.
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import unicodedata
@@ -160,20 +161,23 @@ def exact_matches(query_keys: list[str], reference_keys: list[str]) -> list[int 
 # ---------------------------------------------------------------- stage 2: embeddings + nearest neighbour
 
 
+def _import_optional(module: str):
+    """Import an optional dependency of the semantic stage or raise ``MissingDependencyError``."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependencyError(f"{MISSING_DEPS_MESSAGE} [missing: {module}]") from exc
+
+
 def require_semantic_deps() -> None:
-    """Raise ``MissingDependencyError`` naming the extra when sentence-transformers or faiss is missing."""
-    for module in ("sentence_transformers", "faiss"):
-        try:
-            __import__(module)
-        except ImportError as exc:
-            raise MissingDependencyError(f"{MISSING_DEPS_MESSAGE} [missing: {module}]") from exc
+    """Fail early, before any work, when sentence-transformers or faiss is not installed."""
+    for module in ("faiss", "sentence_transformers"):
+        _import_optional(module)
 
 
 def load_encoder(model: str = DEFAULT_MODEL, device: str | None = None):
     """A ``SentenceTransformer`` by hub name or local path; offline failures say what to do."""
-    require_semantic_deps()
-    from sentence_transformers import SentenceTransformer
-
+    SentenceTransformer = _import_optional("sentence_transformers").SentenceTransformer
     try:
         return SentenceTransformer(model, device=device)
     except OSError as exc:
@@ -201,7 +205,11 @@ def embed(texts: list[str], encoder: Any, batch_size: int = 64, desc: str = "emb
             parts.append(np.asarray(vectors, dtype=np.float32))
             bar.update(len(batch))
     if not parts:
-        dim = encoder.get_sentence_embedding_dimension()
+        # sentence-transformers >= 5 renamed the method (the old name warns)
+        dimension = (
+            getattr(encoder, "get_embedding_dimension", None) or encoder.get_sentence_embedding_dimension
+        )
+        dim = dimension()
         return np.zeros((0, dim), dtype=np.float32)
     return l2_normalize(np.concatenate(parts))
 
@@ -219,9 +227,7 @@ def nearest_faiss(queries_Q_D: np.ndarray, references_R_D: np.ndarray) -> tuple[
     queries_Q_D, references_R_D: unit-norm float32 rows, so scores are cosine similarities.
     Returns (scores_Q float32, indices_Q int64).
     """
-    require_semantic_deps()
-    import faiss
-
+    faiss = _import_optional("faiss")
     if references_R_D.shape[0] == 0:
         raise ValueError("the reference set is empty")
     index = faiss.IndexFlatIP(references_R_D.shape[1])
@@ -318,6 +324,7 @@ def dedup(
     semantic_scores = None
     survivors = [i for i in range(len(queries)) if i not in removed_at]
     if not config.exact_only and survivors:
+        require_semantic_deps()
         encoder = encoder if encoder is not None else load_encoder(config.model, config.device)
         ref_emb_R_D = embed(r_text, encoder, config.batch_size, "embed references", config.progress)
         q_emb_S_D = embed(

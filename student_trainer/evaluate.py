@@ -203,27 +203,27 @@ def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
 
 
 def load_model(model_dir: str | Path, dtype: str = "auto", device: str | None = None):
-    """(model, tokenizer) from a local directory through ``from_pretrained``, in eval mode."""
+    """(model, tokenizer) from a local directory through ``from_pretrained``, in eval mode, on ``device``
+    (default: cuda when available, else cpu)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
-    if device is not None:
-        model = model.to(device)
-    return model.eval(), tokenizer
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), tokenizer
 
 
 def _generate(
     model: Any, tokenizer: Any, prompts: list[str], config: EvalConfig
 ) -> list[tuple[list[int], bool]]:
     """One (completion_ids, finished) per prompt string, generated in left-padded batches."""
-    import torch
     from tqdm.auto import tqdm
 
-    add_special = config.template is not None  # a rendered chat template already has its special tokens
-    encoded = [tokenizer(p, add_special_tokens=add_special)["input_ids"] for p in prompts]
+    # no added special tokens: a chat template renders its own, and training (prompts.py) and the teacher
+    # server tokenize rendered prompts the same way, so eval sees exactly the prompts the model trains on
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     eos = eos_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     sampling = (

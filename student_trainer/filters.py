@@ -75,7 +75,9 @@ def tail_repeats(ids_T: np.ndarray, max_period: int) -> np.ndarray:
     return repeats_P
 
 
-def find_tail_loop(ids_T: np.ndarray, min_repeats: int, min_span: int, max_period: int) -> tuple[int, int] | None:
+def find_tail_loop(
+    ids_T: np.ndarray, min_repeats: int, min_span: int, max_period: int
+) -> tuple[int, int] | None:
     """(period, repeats) of the shortest-period tail loop with repeats >= min_repeats and
     period * repeats >= min_span tokens, or None."""
     if min_repeats <= 0:
@@ -118,7 +120,9 @@ class FilterConfig:
             )
 
 
-def _content_tokens(record: dict[str, Any], config: FilterConfig, where: str) -> tuple[np.ndarray, bool | None]:
+def _content_tokens(
+    record: dict[str, Any], config: FilterConfig, where: str
+) -> tuple[np.ndarray, bool | None]:
     """(content token ids without the trailing EOS, whether the last id was an EOS or None if unknown)."""
     ids = record.get(config.ids_field)
     if ids is None:  # text-only data: words stand in for tokens

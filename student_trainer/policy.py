@@ -37,7 +37,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_causal_lm(path: str, dtype: torch.dtype, gradient_checkpointing: bool = False, trust_remote_code=False):
+def load_causal_lm(
+    path: str, dtype: torch.dtype, gradient_checkpointing: bool = False, trust_remote_code=False
+):
     """Model and tokenizer through ``from_pretrained``; the model is in train mode, fp32 master weights on
     CPU, the requested dtype otherwise."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -69,8 +71,12 @@ class PackedBatch:
 
     def to(self, device: torch.device) -> PackedBatch:
         return PackedBatch(
-            self.input_ids_B_L.to(device), self.attention_mask_B_L.to(device), self.positions_N.to(device),
-            self.targets_N.to(device), self.row_N.to(device), self.lengths,
+            self.input_ids_B_L.to(device),
+            self.attention_mask_B_L.to(device),
+            self.positions_N.to(device),
+            self.targets_N.to(device),
+            self.row_N.to(device),
+            self.lengths,
         )
 
     def hidden_at_completion(self, hidden_B_L_H: torch.Tensor) -> torch.Tensor:
@@ -96,5 +102,6 @@ def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) ->
         positions.append(torch.arange(len(p) - 1, len(p) - 1 + len(c)) + b * width)
         targets.append(torch.tensor(list(c), dtype=torch.long))
         rows.append(torch.full((len(c),), b, dtype=torch.long))
-    return PackedBatch(ids, mask, torch.cat(positions), torch.cat(targets), torch.cat(rows),
-                       [len(c) for c in completions])
+    return PackedBatch(
+        ids, mask, torch.cat(positions), torch.cat(targets), torch.cat(rows), [len(c) for c in completions]
+    )

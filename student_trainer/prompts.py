@@ -121,7 +121,7 @@ def _read_jsonl(path: Path, fields: list[str]) -> dict[str, list[Any]]:
             except json.JSONDecodeError as exc:
                 raise PromptDataError(
                     f"{path}:{lineno}: not valid JSON ({exc.msg}); expected one object per line"
-                )
+                ) from None
             if not isinstance(row, dict):
                 raise PromptDataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             for f in fields:

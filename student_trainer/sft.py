@@ -88,10 +88,13 @@ def load_examples(cfg: SFTConfig, tokenizer: Any) -> list[tuple[list[int], list[
         else:
             question = rec.get("messages") or rec.get(cfg.question_field)
             if question is None:
-                raise SFTDataError(f"{path}:{lineno}: no prompt: need prompt_ids, messages or "
-                                   f"{cfg.question_field!r} (fields: {sorted(rec)})")
-            renderer = renderer or PromptRenderer(tokenizer, PromptTemplates(cfg.student_template, "same",
-                                                                             system_prompt=cfg.system_prompt))
+                raise SFTDataError(
+                    f"{path}:{lineno}: no prompt: need prompt_ids, messages or "
+                    f"{cfg.question_field!r} (fields: {sorted(rec)})"
+                )
+            renderer = renderer or PromptRenderer(
+                tokenizer, PromptTemplates(cfg.student_template, "same", system_prompt=cfg.system_prompt)
+            )
             prompt = renderer.render(question).student_ids
         if "completion_ids" in rec:
             completion = list(rec["completion_ids"])
@@ -119,7 +122,9 @@ def run_sft(cfg: SFTConfig) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() and cfg.dtype == "auto" else "no")
+    accelerator = Accelerator(
+        mixed_precision="bf16" if torch.cuda.is_available() and cfg.dtype == "auto" else "no"
+    )
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -169,8 +174,10 @@ def run_sft(cfg: SFTConfig) -> Path:
         optimizer.zero_grad(set_to_none=True)
         loss_global = accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), reduction="sum")
         metrics = {
-            "step": step + 1, "sft/loss": float(loss_global / tokens_global.clamp_min(1)),
-            "sft/tokens": int(tokens_global), "optim/lr": scheduler.get_last_lr()[0],
+            "step": step + 1,
+            "sft/loss": float(loss_global / tokens_global.clamp_min(1)),
+            "sft/tokens": int(tokens_global),
+            "optim/lr": scheduler.get_last_lr()[0],
             "optim/grad_norm": None if grad_norm is None else float(grad_norm),
             "time/tokens_per_s": float(tokens_global) / (time.perf_counter() - t0),
         }
@@ -179,14 +186,20 @@ def run_sft(cfg: SFTConfig) -> Path:
         if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
             accelerator.print(summary_line(step + 1, steps, {"opd/loss": metrics["sft/loss"], **metrics}))
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < steps:
-            checkpoint.save(accelerator, out, step + 1, {"data_position": list(position)}, cfg.keep_checkpoints)
+            checkpoint.save(
+                accelerator, out, step + 1, {"data_position": list(position)}, cfg.keep_checkpoints
+            )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         accelerator.unwrap_model(policy).causal_lm.save_pretrained(out)
         tokenizer.save_pretrained(out)
         if cfg.plot:
-            plot_metrics(out / "metrics.jsonl", out / "sft_curves.png", keys=("sft/loss", "optim/lr",
-                                                                             "optim/grad_norm"), title="SFT")
+            plot_metrics(
+                out / "metrics.jsonl",
+                out / "sft_curves.png",
+                keys=("sft/loss", "optim/lr", "optim/grad_norm"),
+                title="SFT",
+            )
         accelerator.print(f"saved the fine-tuned student to {out}")
     accelerator.end_training()
     return out

@@ -1,6 +1,7 @@
 """Transport of the teacher client: endpoints, load balancing, retries with backoff, typed errors, stats.
 
-One logical request (a chunk of sequences) goes to the healthy endpoint with the fewest outstanding
+A large batch is cut into contiguous chunks (:func:`split_contiguous`), at least one per endpoint, so the
+results reassemble in order. One logical request (a chunk of sequences) goes to the healthy endpoint with the fewest outstanding
 requests (round-robin among equals). A connection error, a timeout, 408, 429 or 5xx marks that endpoint down
 for a cool-down (exponential in its consecutive failures, full jitter, never shorter than the server's
 Retry-After) and the request moves on: at once to another healthy endpoint if there is one, else it waits
@@ -326,11 +327,14 @@ class EndpointPool:
         """
         attempts, start, errors = 0, time.monotonic(), {}
         while True:
-            ep = await self._wait_for_endpoint(deadline, endpoint)
-            attempts += 1
-            if attempts > 1:
-                self.stats.retries += 1
-            failure, reply = await self._attempt(ep, method, path, content, headers, timeout)
+            await self._wait_for_endpoint(deadline, endpoint)
+            async with self._slots:
+                # choose only once a slot is free, so the choice reflects the load at sending time
+                ep = endpoint or self.pick(time.monotonic()) or self._soonest()
+                attempts += 1
+                if attempts > 1:
+                    self.stats.retries += 1
+                failure, reply = await self._attempt(ep, method, path, content, headers, timeout)
             if reply is not None:
                 return reply
             now = time.monotonic()
@@ -351,23 +355,19 @@ class EndpointPool:
                 "" if endpoint else " on the next available teacher",
             )
 
-    async def _wait_for_endpoint(self, deadline: float, pinned: Endpoint | None) -> Endpoint:
-        """A healthy endpoint now, or the first to come back (waiting at most until the deadline)."""
+    def _soonest(self) -> Endpoint:
+        return min(self.endpoints, key=lambda e: e.down_until)
+
+    async def _wait_for_endpoint(self, deadline: float, pinned: Endpoint | None) -> None:
+        """Return when ``pinned`` (or, unpinned, any endpoint) is due to be tried; never past the deadline."""
         now = time.monotonic()
-        if pinned is None:
-            ep = self.pick(now)
-            if ep is not None:
-                return ep
-            ep = min(self.endpoints, key=lambda e: e.down_until)
-        else:
-            ep = pinned
-        wait = min(ep.down_until, deadline) - now
+        if pinned is None and self._healthy(now):
+            return
+        due = (pinned or self._soonest()).down_until
+        wait = min(due, deadline) - now
         if wait > 0:
             self.stats.backoff_s += wait
             await asyncio.sleep(wait)
-            if pinned is None:  # another endpoint may have recovered meanwhile
-                ep = self.pick(time.monotonic()) or ep
-        return ep
 
     async def _attempt(
         self,
@@ -379,18 +379,17 @@ class EndpointPool:
         timeout: float | httpx.Timeout | None,
     ) -> tuple[_Failure | None, Reply | None]:
         url = ep.url + path
-        async with self._slots:
-            ep.outstanding += 1
-            t0 = time.perf_counter()
-            try:
-                kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
-                response = await self.http.request(method, url, content=content, headers=headers, **kwargs)
-            except httpx.TransportError as exc:  # connect/read/write errors, timeouts, broken connections
-                self.stats.failures += 1
-                return _Failure(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__), None
-            finally:
-                ep.outstanding -= 1
-            latency = time.perf_counter() - t0
+        ep.outstanding += 1
+        t0 = time.perf_counter()
+        try:
+            kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+            response = await self.http.request(method, url, content=content, headers=headers, **kwargs)
+        except httpx.TransportError as exc:  # connect/read/write errors, timeouts, broken connections
+            self.stats.failures += 1
+            return _Failure(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__), None
+        finally:
+            ep.outstanding -= 1
+        latency = time.perf_counter() - t0
         status = response.status_code
         if status >= 500 or status in RETRYABLE_STATUS:
             self.stats.failures += 1

@@ -19,8 +19,14 @@ SUMMARY_KEYS = (
     ("tok/s", "time/tokens_per_s", "{:.0f}"),
 )
 PLOT_KEYS = (
-    "opd/loss", "opd/reverse_kl", "opd/overlap_ratio", "opd/entropy_gap", "opd/shared_mass_student",
-    "opd/overlap_advantage", "rollout/response_length", "eval/accuracy",
+    "opd/loss",
+    "opd/reverse_kl",
+    "opd/overlap_ratio",
+    "opd/entropy_gap",
+    "opd/shared_mass_student",
+    "opd/overlap_advantage",
+    "rollout/response_length",
+    "eval/accuracy",
 )
 
 
@@ -47,7 +53,11 @@ class JsonlLog:
     def __init__(self, path: Path, resume_step: int | None = None) -> None:
         self.path = path
         if resume_step is not None and path.exists():
-            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", -1) < resume_step]
+            kept = [
+                ln
+                for ln in path.read_text().splitlines()
+                if ln and json.loads(ln).get("step", -1) < resume_step
+            ]
             path.write_text("".join(ln + "\n" for ln in kept))
 
     def write(self, record: dict[str, Any]) -> None:
@@ -69,7 +79,9 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
 
 
-def plot_metrics(jsonl_path: Path, png_path: Path, keys: tuple[str, ...] = PLOT_KEYS, title: str = "") -> Path | None:
+def plot_metrics(
+    jsonl_path: Path, png_path: Path, keys: tuple[str, ...] = PLOT_KEYS, title: str = ""
+) -> Path | None:
     """Curves of ``keys`` over steps in one PNG; None (with a note) when matplotlib is missing."""
     try:
         import matplotlib
@@ -92,7 +104,7 @@ def plot_metrics(jsonl_path: Path, png_path: Path, keys: tuple[str, ...] = PLOT_
         ax.set_title(key, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(present):]:
+    for ax in list(axes.flat)[len(present) :]:
         ax.axis("off")
     if title:
         fig.suptitle(title)

@@ -1,0 +1,421 @@
+"""The OPD training loop (accelerate): on-policy rollouts -> teacher scores -> OPD loss -> one update.
+
+Per step, on each process: take this process's share of the step's prompts, and for each micro-batch
+generate rollouts from the current student and send them to the teacher at once (an async client on its own
+thread), so the teacher scores micro-batch i while micro-batch i+1 is generated. Then forward/backward each
+micro-batch as its scores arrive (gradients accumulate; the loss is the token mean over the whole step across
+processes), clip, and take exactly ONE optimizer step: the student-top-k loss is strictly on-policy
+(primer, "Defaults"), and ``losses.assert_on_policy`` enforces it.
+
+A dead teacher is retried with backoff inside the client until ``teacher.max_retry_wait_s``; the step waits
+and continues, so no step is lost or repeated. Checkpoints hold model, optimizer, scheduler, RNG and data
+position; ``resume`` continues exactly (rollouts are seeded per (seed, step, process, micro-batch)).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shared.fingerprint import tokenizer_fingerprint
+from student_trainer import checkpoint
+from student_trainer.config import Config
+from student_trainer.local_teacher import LocalTeacher
+from student_trainer.opd_batch import build_batch, local_teacher_logits, microbatch_loss
+from student_trainer.optim import build_optimizer, build_scheduler
+from student_trainer.policy import HiddenStatesLM, load_causal_lm
+from student_trainer.tracking import JsonlLog, available_trackers, plot_metrics, summary_line
+
+TOPK_MODES = {"paper": "code", "direct": "direct"}
+
+
+def rollout_seed(seed: int, step: int, rank: int, micro: int) -> int:
+    """Rollout sampling seed: a pure function of the position in training, so --resume replays exactly."""
+    return (seed * 1_000_003 + step * 10_007 + rank * 101 + micro) % (2**31 - 1)
+
+
+class OPDTrainer:
+    """``OPDTrainer(cfg).train()``; every heavy thing is built in ``__init__`` (models, client, data)."""
+
+    def __init__(self, cfg: Config, resume: bool = False) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        cfg.check_runnable()
+        self.cfg = cfg
+        self.out = Path(cfg.train.output_dir)
+        gpu = torch.cuda.is_available()
+        trackers = available_trackers(cfg.logging.trackers)
+        self.acc = Accelerator(
+            mixed_precision="bf16" if gpu and cfg.model.dtype == "auto" else "no",
+            log_with=trackers or None,
+            project_dir=str(self.out),
+        )
+        set_seed(cfg.train.seed)
+        self.out.mkdir(parents=True, exist_ok=True)
+        weights_dtype = torch.float32 if cfg.model.dtype == "auto" else getattr(torch, cfg.model.dtype)
+        model, self.tokenizer = load_causal_lm(
+            cfg.model.student, weights_dtype, cfg.model.gradient_checkpointing, cfg.model.trust_remote_code
+        )
+        self.fingerprint = tokenizer_fingerprint(self.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._setup_teacher()
+        self._setup_data()
+        policy = HiddenStatesLM(model)
+        optimizer = build_optimizer(policy, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
+        self.scheduler = build_scheduler(
+            optimizer, cfg.optim.schedule, cfg.optim.warmup_steps, cfg.train.steps
+        )
+        self.policy, self.optimizer = self.acc.prepare(policy, optimizer)
+        self.acc.register_for_checkpointing(self.scheduler)
+        self._setup_rollouts()
+        self.start_step = self._maybe_resume() if resume else 0
+        self._setup_logging(trackers)
+
+    # ------------------------------------------------------------------------------------------- setup
+    def _setup_teacher(self) -> None:
+        cfg, lo = self.cfg.teacher, self.cfg.loss
+        self.client, self.local = None, None
+        if cfg.local:
+            self.local = LocalTeacher(
+                cfg.local,
+                self.acc.device,
+                torch.bfloat16 if self.acc.device.type == "cuda" else torch.float32,
+                lo.chunk_rows,
+            )
+            fp = tokenizer_fingerprint(self.local.tokenizer)
+            if fp != self.fingerprint and not cfg.allow_tokenizer_mismatch:
+                raise ValueError(
+                    f"local teacher tokenizer {fp} differs from the student's {self.fingerprint}; "
+                    "set teacher.allow_tokenizer_mismatch=true only if the ids agree"
+                )
+            self.caps = {"candidate_ids": True, "entropy": True}
+            return
+        from student_trainer.teacher_client import SyncTeacherClient, check_compatibility
+
+        self.client = SyncTeacherClient(
+            cfg.urls,
+            api_key=cfg.api_key or os.environ.get("TEACHER_API_KEY"),
+            timeout_s=cfg.timeout_s,
+            max_wait_s=cfg.max_retry_wait_s,
+            max_sequences_per_request=cfg.max_sequences_per_request,
+        )
+        infos = self.client.model_info()
+        for w in check_compatibility(
+            infos,
+            self.fingerprint,
+            needs_candidate_ids=lo.type == "student_topk",
+            top_k=lo.top_k,
+            allow_mismatch=cfg.allow_tokenizer_mismatch,
+        ):
+            self.acc.print(f"warning: {w}")
+        caps = [i.capabilities for i in infos.values()]
+        self.caps = {
+            "candidate_ids": all(c.candidate_ids for c in caps),
+            "entropy": all(c.entropy for c in caps),
+        }
+        names = ", ".join(f"{u} ({i.model}, {i.backend})" for u, i in infos.items())
+        self.acc.print(f"teacher: {names}; tokenizer {self.fingerprint} matches; capabilities {self.caps}")
+
+    def _setup_data(self) -> None:
+        from student_trainer.prompts import PromptRenderer, PromptStream, PromptTemplates, load_prompts
+
+        d = self.cfg.data
+        table = load_prompts(d.path, question_field=d.question_field, answer_field=d.answer_field)
+        templates = PromptTemplates(
+            student=d.student_template, teacher=d.teacher_prompt, system_prompt=d.system_prompt
+        )
+        self.stream = PromptStream(table, PromptRenderer(self.tokenizer, templates), seed=d.seed)
+        self.eval_problems = None
+        if self.cfg.eval.data and self.cfg.eval.every:
+            from student_trainer.evaluate import load_problems
+
+            e = self.cfg.eval
+            self.eval_problems = load_problems(
+                e.data, question_field=e.question_field, answer_field=e.answer_field, limit=e.limit
+            )
+
+    def _setup_rollouts(self) -> None:
+        from student_trainer.rollout import HFRolloutEngine
+
+        model = self.acc.unwrap_model(self.policy).causal_lm
+        rows = model.get_output_embeddings().weight.shape[0]
+        self.engine = HFRolloutEngine(
+            model,
+            self.tokenizer,
+            cache_implementation="static" if self.cfg.rollout.static_cache else None,
+            vocab_limit=len(self.tokenizer) if rows > len(self.tokenizer) else None,
+        )
+
+    def _maybe_resume(self) -> int:
+        last = checkpoint.latest_checkpoint(self.out)
+        if last is None:
+            self.acc.print(f"resume: no checkpoint in {self.out / 'checkpoints'}; starting from step 0")
+            return 0
+        state = checkpoint.load(self.acc, last)
+        self.stream.load_state_dict(state["data_position"])
+        self.engine.policy_version = state["step"]
+        self.acc.print(f"resumed from {last} (step {state['step']})")
+        return int(state["step"])
+
+    def _setup_logging(self, trackers: list[str]) -> None:
+        self.log = (
+            JsonlLog(self.out / "metrics.jsonl", resume_step=self.start_step + 1)
+            if self.acc.is_main_process
+            else None
+        )
+        if self.acc.is_main_process:
+            self.cfg.dump(self.out / "config.yaml")
+            self.acc.print("resolved config:\n" + json.dumps(self.cfg.to_dict(), indent=1, default=str))
+        if trackers:
+            self.acc.init_trackers(self.cfg.logging.project, config=_flat(self.cfg.to_dict()))
+
+    # -------------------------------------------------------------------------------------------- loop
+    def train(self) -> Path:
+        tc = self.cfg.train
+        bar = self._progress()
+        for step in range(self.start_step, tc.steps):
+            metrics = self.train_step(step)
+            if self.eval_problems is not None and (step + 1) % self.cfg.eval.every == 0:
+                metrics.update(self.evaluate())
+            if self.log is not None:
+                self.log.write(metrics)
+            self.acc.log(metrics, step=step + 1)
+            if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
+                line = summary_line(step + 1, tc.steps, metrics)
+                bar.write(line) if bar else self.acc.print(line)
+            if bar:
+                bar.update(1)
+            if tc.save_every and (step + 1) % tc.save_every == 0 and step + 1 < tc.steps:
+                checkpoint.save(
+                    self.acc,
+                    self.out,
+                    step + 1,
+                    {"data_position": self.stream.state_dict()},
+                    tc.keep_checkpoints,
+                )
+        if bar:
+            bar.close()
+        return self._finish()
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        """One on-policy step; returns the step's metrics (identical on every process)."""
+        t0 = time.perf_counter()
+        tc, rc = self.cfg.train, self.cfg.rollout
+        world, rank = self.acc.num_processes, self.acc.process_index
+        prompts = self.stream.take(tc.prompts_per_step)[rank::world]
+        micro = [
+            prompts[i : i + tc.micro_batch_prompts] for i in range(0, len(prompts), tc.micro_batch_prompts)
+        ]
+        gen_s = 0.0
+        pending = []
+        for i, mb in enumerate(micro):
+            g0 = time.perf_counter()
+            with torch.no_grad(), self.acc.autocast():
+                rollouts = self.engine.generate(
+                    [p.student_ids for p in mb],
+                    n=rc.n,
+                    temperature=rc.temperature,
+                    top_p=rc.top_p,
+                    max_new_tokens=rc.max_new_tokens,
+                    top_k_record=self.cfg.loss.top_k,
+                    seed=rollout_seed(tc.seed, step, rank, i),
+                )
+            gen_s += time.perf_counter() - g0
+            pending.append((mb, rollouts, self._submit_scores(mb, rollouts)))
+        local_tokens = sum(r.num_tokens for _, r, _ in pending)
+        step_tokens = float(self.acc.reduce(torch.tensor(float(local_tokens), device=self.acc.device), "sum"))
+        totals, wait_s, fb_s, loss_sum = None, 0.0, 0.0, 0.0
+        for i, (mb, rollouts, fut) in enumerate(pending):
+            w0 = time.perf_counter()
+            scores = fut.result() if fut is not None else None
+            wait_s += time.perf_counter() - w0
+            f0 = time.perf_counter()
+            loss, part = self._micro_step(mb, rollouts, scores, step_tokens, last=i == len(pending) - 1)
+            fb_s += time.perf_counter() - f0
+            loss_sum += float(loss)
+            totals = part if totals is None else totals + part
+        o0 = time.perf_counter()
+        grad_norm = (
+            self.acc.clip_grad_norm_(self.policy.parameters(), self.cfg.optim.grad_clip)
+            if self.cfg.optim.grad_clip
+            else None
+        )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.engine.sync_weights(self.acc.unwrap_model(self.policy).causal_lm)
+        opt_s = time.perf_counter() - o0
+        samples = [s for _, r, _ in pending for s in r.samples]
+        return self._step_metrics(
+            step,
+            totals,
+            loss_sum,
+            samples,
+            step_tokens,
+            grad_norm,
+            {
+                "generate": gen_s,
+                "teacher_wait": wait_s,
+                "forward_backward": fb_s,
+                "optimizer": opt_s,
+                "step": time.perf_counter() - t0,
+            },
+        )
+
+    def _submit_scores(self, prompts, rollouts):
+        """Send a micro-batch to the HTTP teacher (a future); local teachers score inside the train phase."""
+        if self.client is None:
+            return None
+        seqs, cands = [], []
+        for s in rollouts.samples:
+            seqs.append(
+                {**prompts[s.prompt_index].teacher_fields(), "completion_ids": s.completion_ids.numpy()}
+            )
+            cands.append(s.topk_ids.numpy() if self.caps["candidate_ids"] else None)
+        return self.client.score_future(
+            seqs,
+            top_k=self.cfg.loss.top_k,
+            return_entropy=self.caps["entropy"],
+            candidate_ids=cands if self.caps["candidate_ids"] else None,
+        )
+
+    def _micro_step(self, prompts, rollouts, scores, step_tokens: float, last: bool):
+        from student_trainer.losses import assert_on_policy
+
+        assert_on_policy(rollouts.policy_version, self.engine.policy_version)
+        samples = rollouts.samples
+        teacher_logits = None
+        if self.local is not None:
+            t_prompts = [self.local.prompt_ids(prompts[s.prompt_index].teacher_fields()) for s in samples]
+            completions = [s.completion_ids.tolist() for s in samples]
+            t_hidden = self.local.completion_hidden(t_prompts, completions)
+            cands = [s.topk_ids.numpy() for s in samples]
+            scores = self.local.score(t_hidden, completions, self.cfg.loss.top_k, cands)
+            teacher_logits = local_teacher_logits(t_hidden, self.local.head)
+        batch = build_batch(samples, scores, self.pad_id, self.acc.device)
+        lo = self.cfg.loss
+        ctx = nullcontext() if last else self.acc.no_sync(self.policy)
+        with ctx, self.acc.autocast():
+            hidden_B_L_H = self.policy(batch.packed.input_ids_B_L, batch.packed.attention_mask_B_L)
+            hidden_N_H = batch.packed.hidden_at_completion(hidden_B_L_H)
+            head = self.acc.unwrap_model(self.policy).head
+            # normalizer: the whole step's tokens over all processes; DDP averages grads, hence * world
+            loss, totals = microbatch_loss(
+                hidden_N_H,
+                head,
+                batch,
+                lo.type,
+                step_tokens / self.acc.num_processes,
+                topk_mode=TOPK_MODES[lo.topk_form],
+                chunk_rows=lo.chunk_rows,
+                teacher_logits=teacher_logits,
+                vocab_size=len(self.tokenizer),
+            )
+            self.acc.backward(loss)
+        return loss.detach() / self.acc.num_processes, totals
+
+    # ----------------------------------------------------------------------------------------- metrics
+    def _step_metrics(self, step, totals, loss_sum, samples, step_tokens, grad_norm, times) -> dict[str, Any]:
+        acc = self.acc
+        sums = acc.reduce(totals.sums_M.to(acc.device), "sum")
+        counts = acc.reduce(totals.counts_M.to(acc.device), "sum")
+        opd = {
+            n: s / c for n, s, c in zip(totals.names, sums.tolist(), counts.tolist(), strict=True) if c > 0
+        }
+        local = torch.tensor(
+            [
+                loss_sum,
+                float(len(samples)),
+                float(sum(s.finished for s in samples)),
+                times["teacher_wait"],
+                times["step"],
+            ],
+            device=acc.device,
+            dtype=torch.float64,
+        )
+        loss_g, n_samples, n_eos, wait_g, step_g = acc.reduce(local, "sum").tolist()
+        m: dict[str, Any] = {
+            "step": step + 1,
+            "opd/loss": loss_g,
+            "opd/reverse_kl": opd.get("opd/reverse_kl_k1"),
+            **opd,
+            "rollout/response_length": step_tokens / max(1.0, n_samples),
+            "rollout/eos_rate": n_eos / max(1.0, n_samples),
+            "rollout/tokens": step_tokens,
+            "optim/lr": self.scheduler.get_last_lr()[0],
+            "optim/grad_norm": None if grad_norm is None else float(grad_norm),
+            "time/tokens_per_s": step_tokens / times["step"],
+            "time/teacher_wait_share": wait_g / max(step_g, 1e-9),
+            **{f"time/{k}_s": v for k, v in times.items()},
+        }
+        if self.client is not None:
+            m.update(self.client.take_stats().summary())
+        if torch.cuda.is_available():
+            m["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        else:
+            import resource
+
+            m["memory/peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        if self.cfg.train.sample_every and (step + 1) % self.cfg.train.sample_every == 0 and samples:
+            self.acc.print("sample: " + repr(self.tokenizer.decode(samples[0].completion_ids.tolist())[:300]))
+        return m
+
+    def evaluate(self) -> dict[str, float]:
+        """Accuracy of the current student on the held-out problems (``eval.every`` steps)."""
+        from student_trainer.evaluate import EvalConfig, evaluate
+
+        e, d = self.cfg.eval, self.cfg.data
+        template = None if d.student_template == "chat" else d.student_template
+        ecfg = EvalConfig(
+            n=e.n,
+            greedy=e.greedy,
+            max_new_tokens=e.max_new_tokens,
+            extractor=e.extractor,
+            template=template,
+            system_prompt=d.system_prompt if template is None else None,
+        )
+        model = self.acc.unwrap_model(self.policy).causal_lm
+        with self.acc.autocast():
+            report = evaluate(model, self.tokenizer, self.eval_problems, ecfg)
+        return {"eval/accuracy": report.summary.accuracy, "eval/eos_rate": report.summary.eos_rate}
+
+    # ------------------------------------------------------------------------------------------ finish
+    def _progress(self):
+        if not (self.cfg.logging.progress_bar and self.acc.is_main_process):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.cfg.train.steps, initial=self.start_step, desc="opd", unit="step", leave=False)
+
+    def _finish(self) -> Path:
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            model = self.acc.unwrap_model(self.policy).causal_lm
+            model.save_pretrained(self.out)
+            self.tokenizer.save_pretrained(self.out)
+            if self.cfg.logging.plot:
+                png = plot_metrics(self.out / "metrics.jsonl", self.out / "curves.png", title="OPD")
+                if png:
+                    self.acc.print(f"plot: {png}")
+            self.acc.print(f"saved the student to {self.out}")
+        self.acc.end_training()
+        if self.client is not None:
+            self.client.close()
+        return self.out
+
+
+def _flat(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in doc.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
