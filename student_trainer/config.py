@@ -92,6 +92,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 1
     sample_every: int = 10  # print a decoded rollout this often (0 = never)
+    overlap_scoring: bool = True  # score micro-batch i while generating i+1 (False: wait right away)
 
 
 @dataclass

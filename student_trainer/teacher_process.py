@@ -64,12 +64,14 @@ class TeacherProcess:
             *self.args,
         ]
 
-    def start(self) -> TeacherProcess:
+    def start(self, wait: bool = True) -> TeacherProcess:
+        """Launch the server; with ``wait`` (default) block until it is ready (else call wait_ready later)."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(self.env or {})}
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
-        self.wait_ready()
+        if wait:
+            self.wait_ready()
         return self
 
     def wait_ready(self) -> None:

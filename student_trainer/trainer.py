@@ -150,6 +150,7 @@ class OPDTrainer:
             model,
             self.tokenizer,
             cache_implementation="static" if self.cfg.rollout.static_cache else None,
+            prompt_pad_multiple=64 if self.cfg.rollout.static_cache else 1,  # fewer shapes to compile
             vocab_limit=len(self.tokenizer) if rows > len(self.tokenizer) else None,
         )
 
@@ -213,7 +214,7 @@ class OPDTrainer:
         micro = [
             prompts[i : i + tc.micro_batch_prompts] for i in range(0, len(prompts), tc.micro_batch_prompts)
         ]
-        gen_s = 0.0
+        gen_s, wait_s = 0.0, 0.0
         pending = []
         for i, mb in enumerate(micro):
             g0 = time.perf_counter()
@@ -228,10 +229,15 @@ class OPDTrainer:
                     seed=rollout_seed(tc.seed, step, rank, i),
                 )
             gen_s += time.perf_counter() - g0
-            pending.append((mb, rollouts, self._submit_scores(mb, rollouts)))
+            fut = self._submit_scores(mb, rollouts)
+            if fut is not None and not tc.overlap_scoring:  # sequential baseline: wait before generating more
+                w0 = time.perf_counter()
+                fut.result()
+                wait_s += time.perf_counter() - w0
+            pending.append((mb, rollouts, fut))
         local_tokens = sum(r.num_tokens for _, r, _ in pending)
         step_tokens = float(self.acc.reduce(torch.tensor(float(local_tokens), device=self.acc.device), "sum"))
-        totals, wait_s, fb_s, loss_sum = None, 0.0, 0.0, 0.0
+        totals, fb_s, loss_sum = None, 0.0, 0.0
         for i, (mb, rollouts, fut) in enumerate(pending):
             w0 = time.perf_counter()
             scores = fut.result() if fut is not None else None
