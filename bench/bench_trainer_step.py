@@ -31,7 +31,7 @@ from student_trainer.tiny_models import TEACHER_SPEC, TinySpec, build_tokenizer,
 PRESETS = {
     "cpu": dict(steps=4, prompts=16, micro=4, max_new=48, static=False, teacher_shape=None, student_shape=None,
                 overlap_off=True, micro_bench=False),
-    "gpu": dict(steps=3, prompts=64, micro=32, max_new=256, static=True, teacher_shape="qwen3-8b",
+    "gpu": dict(steps=3, prompts=64, micro=32, max_new=256, static=False, teacher_shape="qwen3-8b",
                 student_shape="qwen3-1.7b", overlap_off=False, micro_bench=True),
 }
 CPU_STUDENT = TinySpec(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64, intermediate_size=768)
@@ -96,15 +96,18 @@ def train_step_bench(student: Path, batch: int, length: int, k: int = 16) -> dic
 
     from student_trainer.chunked import gather_logprobs
     from student_trainer.losses import student_topk_loss
+    from student_trainer.optim import build_optimizer
     from student_trainer.policy import HiddenStatesLM
 
     out = {}
-    for variant in ("naive", "chunked"):
+    for variant in ("naive", "chunked", "chunked+checkpointing"):
         gc.collect()
         torch.cuda.empty_cache()
         model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).cuda().train()
+        if variant.endswith("checkpointing"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         policy = HiddenStatesLM(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=True)
+        opt = build_optimizer(model, 1e-6, (0.9, 0.999), 0.01)  # the trainer's (fused on CUDA)
         vocab = model.config.vocab_size
         g = torch.Generator(device="cuda").manual_seed(0)
         ids = torch.randint(0, 1000, (batch, length), device="cuda", generator=g)
@@ -132,6 +135,7 @@ def train_step_bench(student: Path, batch: int, length: int, k: int = 16) -> dic
                         "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
         del model, policy, opt, lp, loss
     out["memory_ratio_naive_over_chunked"] = out["naive"]["peak_gib"] / out["chunked"]["peak_gib"]
+    out["memory_ratio_naive_over_chunked_gc"] = out["naive"]["peak_gib"] / out["chunked+checkpointing"]["peak_gib"]
     return out
 
 
@@ -139,10 +143,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--json-out", default=None)
+    p.add_argument("--train-step-only", action="store_true", help="GPU: only part 2 (no teacher, no OPD run)")
     args = p.parse_args()
     for k, v in PRESETS[args.preset].items():
         setattr(args, k, v)
     root = Path(tempfile.mkdtemp(prefix="bench-trainer-"))
+    if args.train_step_only:
+        result = train_step_bench(build_student(root, args.student_shape), 16, 1024)
+        print(json.dumps(result))
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(result, indent=2))
+        return
     if args.teacher_shape:
         teacher_dir = save_shape_config(root / "teacher", args.teacher_shape)
         teacher_args = ["--load-format", "dummy", "--dtype", "bfloat16", "--max-model-len", "4096",

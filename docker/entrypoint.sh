@@ -66,12 +66,13 @@ if [[ -n "${TEACHER_EXTRA_ARGS:-}" ]]; then
 fi
 cmd+=("$@")
 
+quoted=$(printf '%q ' "${cmd[@]}")
+quoted=${quoted% }
 if is_true TEACHER_PRINT_ONLY "${TEACHER_PRINT_ONLY:-}"; then
-    printf '%q ' "${cmd[@]}" | sed 's/ $//'
-    echo
+    echo "$quoted"
     exit 0
 fi
 
 # Echo the command into the container log; it never holds the API key (see above).
-echo "teacher-entrypoint: exec $(printf '%q ' "${cmd[@]}")" >&2
+echo "teacher-entrypoint: exec $quoted" >&2
 exec "${cmd[@]}"

@@ -28,9 +28,11 @@ hidden states and weight: bf16 on GPU, fp32 on CPU), like Hugging Face's forward
 matmul is fp32. The head's weight gradient is accumulated over chunks in fp32.
 
 ``method="checkpoint"`` (``torch.utils.checkpoint`` per chunk around a plain log_softmax) is kept for
-comparison and for heads that are not a plain ``nn.Linear``; it needs several ``[chunk_rows, V]`` fp32
-buffers in backward instead of one (bench/bench_loss_memory.py measures both). Under FSDP / ZeRO-3 the head
-weight must be gathered by the caller: the default method reads ``head.weight`` directly.
+comparison and for heads that are not a plain ``nn.Linear``. It is worse: each chunk's backward through the
+head materialises a whole ``[V, H]`` weight-gradient temporary before accumulating it, plus autograd's
+log_softmax/gather buffers (measured at V = 151,936: 2x the peak of the default; see
+docs/bench_results/loss_memory.md). Under FSDP / ZeRO-3 the head weight must be gathered by the caller:
+the default method reads ``head.weight`` directly.
 """
 
 from __future__ import annotations
@@ -99,15 +101,12 @@ def _chunk_logits(
     return logits_C_V
 
 
-def _rowdot(a_C_V: torch.Tensor, b_C_V: torch.Tensor) -> torch.Tensor:
-    """sum_v a[c, v] * b[c, v] as a batched matmul, so no third [C, V] buffer is allocated."""
-    return torch.bmm(a_C_V.unsqueeze(1), b_C_V.unsqueeze(2)).view(-1)
-
-
 def _entropy_from_logprobs_(logp_C_V: torch.Tensor, p_C_V: torch.Tensor) -> torch.Tensor:
-    """H = -sum p log p; clamps ``logp_C_V`` IN PLACE so that p = 0, log p = -inf adds 0, not NaN."""
+    """H = -sum p log p per row, with no extra [C, V] buffer: clamps ``logp_C_V`` (so that p = 0, log p = -inf
+    adds 0, not NaN) and overwrites ``p_C_V`` with p * log p. An elementwise sum, not a matmul, so that
+    TF32 matmuls on GPU cannot round it."""
     logp_C_V.clamp_(min=torch.finfo(logp_C_V.dtype).min)
-    return -_rowdot(p_C_V, logp_C_V)
+    return -p_C_V.mul_(logp_C_V).sum(-1)
 
 
 def _head_grads_(
@@ -126,7 +125,7 @@ def _head_grads_(
         if dz.dtype == grads["weight"].dtype:
             grads["weight"].addmm_(dz.T, h)
         else:  # bf16 product (fp32 accumulation inside the matmul), then an fp32 running sum over chunks
-            grads["weight"] += (dz.T @ h).to(grads["weight"].dtype)
+            grads["weight"].add_(dz.T @ h)  # in-place add promotes to fp32 without an fp32 [V, H] copy
     if "bias" in grads:
         grads["bias"] += dz_C_V.sum(0)
 
@@ -329,6 +328,7 @@ def head_logits(teacher_hidden_N_H: torch.Tensor, teacher_head: torch.nn.Module)
         with torch.no_grad():
             return teacher_head(teacher_hidden_N_H[start:stop].detach())
 
+    teacher_logits.returns_fresh_tensor = True  # type: ignore[attr-defined]  # may be normalised in place
     return teacher_logits
 
 
@@ -360,9 +360,9 @@ def _teacher_logprobs(
                 "vocab_size=len(tokenizer)"
             )
         logq = t[:, :vocab].to(_acc(t.dtype))
-        if (
-            logq.data_ptr() == t.data_ptr()
-        ):  # .float() of an fp32 tensor is the caller's tensor: keep it intact
+        # An fp32 result is the callable's own tensor: normalise it in place only if it is a fresh output
+        # (head_logits); otherwise it may be a view of the caller's logits, which must stay intact.
+        if logq.data_ptr() == t.data_ptr() and not getattr(teacher_logits, "returns_fresh_tensor", False):
             logq = logq.clone()
         del t
         logq.sub_(torch.logsumexp(logq, dim=-1, keepdim=True))
@@ -410,9 +410,11 @@ class _FullVocabReverseKL(torch.autograd.Function):
                     lps_N[rows] = logp.gather(1, sample_ids[rows, None]).squeeze(1)
                     lpt_N[rows] = logq.gather(1, sample_ids[rows, None]).squeeze(1)
                 p = logp.exp()
-                hs_N[rows] = _entropy_from_logprobs_(logp, p)  # clamps logp: p = 0 entries add 0, not NaN
-                kl_N[rows] = _rowdot(p, logp.sub_(logq))
-                del logp, logq, p, extras
+                logp.clamp_(min=torch.finfo(logp.dtype).min)  # p = 0 entries: finite log-ratio, p * d = 0
+                d = logq.neg_().add_(logp)  # log p - log q, in the teacher's buffer
+                kl_N[rows] = d.mul_(p).sum(-1)
+                hs_N[rows] = -p.mul_(logp).sum(-1)
+                del logp, logq, p, d, extras
         ctx.save_for_backward(hidden, weight, bias, lse_N, kl_N)
         ctx.teacher_logits, ctx.chunk_rows, ctx.temperature = teacher_logits, chunk_rows, temperature
         ctx.floor, ctx.cdt, ctx.exact = floor, cdt, opts["exact"]
@@ -430,13 +432,14 @@ class _FullVocabReverseKL(torch.autograd.Function):
             w, b = weight.to(ctx.cdt), None if bias is None else bias.to(ctx.cdt)
             for start in range(0, n, ctx.chunk_rows):
                 rows, stop = slice(start, start + ctx.chunk_rows), min(start + ctx.chunk_rows, n)
+                # dz = g * p * (log p - log q - KL), in two [C, V] buffers: d = log p - log q - KL overwrites
+                # log q, then log p becomes p in place and then dz
+                d = _teacher_logprobs(ctx.teacher_logits, start, stop, w.shape[0], ctx.floor, ctx.exact)
                 logp = _chunk_logits(hidden[rows], w, b, ctx.temperature).sub_(lse_N[rows, None])
-                logq = _teacher_logprobs(ctx.teacher_logits, start, stop, w.shape[0], ctx.floor, ctx.exact)
-                p = logp.exp()
-                logp.clamp_(min=torch.finfo(logp.dtype).min)  # p = 0 entries must give 0, not NaN
-                # dz = g * p * (log p - log q - KL), built in the logp buffer
-                dz = logp.sub_(logq).sub_(kl_N[rows, None]).mul_(p).mul_(g_N[rows, None])
-                del logp, logq, p  # dz is the logp buffer; drop every other name of it and the temporaries
+                logp.clamp_(min=torch.finfo(logp.dtype).min)  # p = 0 entries: finite d, p * d = 0, not NaN
+                d.neg_().add_(logp).sub_(kl_N[rows, None])
+                dz = logp.exp_().mul_(d).mul_(g_N[rows, None])
+                del logp, d  # dz is the logp buffer: drop every other name of it before the next chunk
                 if ctx.temperature != 1.0:
                     dz.div_(ctx.temperature)
                 _head_grads_(dz, hidden[rows], w, grads, rows)

@@ -103,7 +103,8 @@ def opd_metric_totals(
     t_lp = t_lp.clamp_min(teacher_logprob_floor)
     tokens = torch.tensor(float(s_ids.shape[0]), dtype=torch.float64, device=s_lp.device)
 
-    match_N_k_k = s_ids[:, :, None] == t_ids[:, None, :]  # [t, i, j]: student slot i holds teacher slot j's id
+    # match_N_k_k[t, i, j]: student slot i holds the id of teacher slot j
+    match_N_k_k = s_ids[:, :, None] == t_ids[:, None, :]
     s_in_overlap = match_N_k_k.any(-1)  # (N, k) student slots whose id is in the teacher's top-k
     t_in_overlap = match_N_k_k.any(-2)  # (N, k) teacher slots whose id is in the student's top-k
     p, q = s_lp.exp(), t_lp.exp()

@@ -165,7 +165,8 @@ class HFRolloutEngine(RolloutEngine):
 
     batch_size: rows (prompt x sample) per ``generate`` call; None = all at once.
     cache_implementation: None (dynamic KV cache, right for CPU) or "static" (on CUDA transformers compiles
-        the decode step: ~6x faster for a 1.7B student on an H200, first call ~10 s of compilation).
+        the decode step: 3-6x faster for a 1.7B student on an H200; the first call per prompt width compiles,
+        20-45 s; see docs/bench_results/rollout_engine.md).
     prompt_pad_multiple: left-pad prompts to a multiple of this length (fewer distinct shapes to compile with
         the static cache; padding does not change the results).
     vocab_limit: mask output ids >= this (use len(tokenizer) when the output layer is padded, so that no id
@@ -192,6 +193,10 @@ class HFRolloutEngine(RolloutEngine):
             )
         if prompt_pad_multiple < 1:
             raise ValueError(f"prompt_pad_multiple={prompt_pad_multiple} must be >= 1")
+        rows = model.get_output_embeddings().weight.shape[0]
+        if vocab_limit is not None and not 1 <= vocab_limit <= rows:
+            raise ValueError(f"vocab_limit={vocab_limit} must be in [1, {rows}] (the output layer's rows)")
+        self.vocab_size = vocab_limit or rows
         self.model = model
         self.batch_size = batch_size
         self.cache_implementation = cache_implementation
@@ -223,6 +228,8 @@ class HFRolloutEngine(RolloutEngine):
         seed: int | None = None,
     ) -> RolloutBatch:
         check_sampling_args(n, temperature, top_p, max_new_tokens, top_k_record)
+        if top_k_record > self.vocab_size:
+            raise ValueError(f"top_k_record={top_k_record} exceeds the vocabulary ({self.vocab_size} ids)")
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("rollout prompts must be a non-empty list of non-empty token id lists")
         rows = [(i, j, list(map(int, p))) for i, p in enumerate(prompts) for j in range(n)]

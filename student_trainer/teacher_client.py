@@ -41,7 +41,9 @@ from student_trainer.teacher_pool import (
     TeacherInputError,
     TeacherProtocolError,
     TeacherRequestError,
+    TeacherServerError,
     TeacherUnavailable,
+    check_urls,
     split_contiguous,
 )
 
@@ -57,6 +59,7 @@ __all__ = [
     "TeacherInputError",
     "TeacherProtocolError",
     "TeacherRequestError",
+    "TeacherServerError",
     "TeacherUnavailable",
     "check_compatibility",
     "split_contiguous",
@@ -213,7 +216,7 @@ class TeacherClient:
         seed: int | None = None,
     ) -> None:
         urls = [urls] if isinstance(urls, str) else list(urls)
-        self.urls = _check_urls(urls)
+        self.urls = check_urls(urls)
         for name, value in (
             ("timeout_s", timeout_s),
             ("connect_timeout_s", connect_timeout_s),
@@ -442,20 +445,6 @@ class TeacherClient:
 
 
 # --------------------------------------------------------------------------------------------- helpers
-
-
-def _check_urls(urls: list[str]) -> list[str]:
-    if not urls:
-        raise TeacherInputError("urls: give at least one teacher URL, e.g. http://127.0.0.1:8000")
-    out = []
-    for url in urls:
-        parsed = httpx.URL(url)
-        if parsed.scheme not in ("http", "https") or not parsed.host:
-            raise TeacherInputError(f"urls: {url!r} is not an http(s) URL such as http://127.0.0.1:8000")
-        out.append(url.rstrip("/"))
-    if len(set(out)) != len(out):
-        raise TeacherInputError(f"urls: {out} lists a URL twice")
-    return out
 
 
 async def _encode(doc: dict[str, Any], approx_bytes: int) -> bytes:

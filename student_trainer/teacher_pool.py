@@ -76,6 +76,17 @@ class TeacherUnavailable(TeacherError):
         )
 
 
+class TeacherServerError(TeacherError):
+    """The server kept failing with HTTP 500 (a bug on its side, not an outage); carries the URL and message."""
+
+    def __init__(self, url: str, status: int, message: str, attempts: int) -> None:
+        self.url, self.status, self.message, self.attempts = url, status, message, attempts
+        super().__init__(
+            f"teacher {url} answered HTTP {status} {attempts} time(s) for the same request: {message} "
+            "(see the server's log)"
+        )
+
+
 class TeacherProtocolError(TeacherError):
     """A 2xx answer the client cannot use (undecodable body, wrong number of results, ids that differ)."""
 
@@ -95,12 +106,17 @@ class RetryPolicy:
     max_attempts: int | None = None  # per request; None = bounded by max_wait_s only
     base_delay_s: float = 0.25  # cool-down after an endpoint's first failure (before jitter)
     max_delay_s: float = 10.0  # cap of the exponential cool-down (Retry-After may ask for longer)
+    # HTTP 500 usually means a bug that the same request will hit again (a restarting or overloaded teacher
+    # gives connection errors, 502-504 or 503), so a request answered 500 this often ends the call
+    max_internal_errors: int = 3
 
     def __post_init__(self) -> None:
         if not self.max_wait_s >= 0:
             raise TeacherInputError(f"max_wait_s must be >= 0 seconds, got {self.max_wait_s}")
         if self.max_attempts is not None and self.max_attempts < 1:
             raise TeacherInputError(f"max_attempts must be >= 1 or None (no limit), got {self.max_attempts}")
+        if self.max_internal_errors < 1:
+            raise TeacherInputError(f"max_internal_errors must be >= 1, got {self.max_internal_errors}")
         if not 0 < self.base_delay_s <= self.max_delay_s:
             raise TeacherInputError(
                 f"need 0 < base_delay_s <= max_delay_s, got base_delay_s={self.base_delay_s}, "
@@ -150,27 +166,30 @@ def split_contiguous(
 ) -> list[tuple[int, int]]:
     """Cut N items into contiguous ``[start, end)`` ranges balanced by weight.
 
-    At least ``min(parts, N)`` ranges (fewer only when single items outweigh the rest), each with at most
-    ``max_items`` items and at most ``max_weight`` total weight (an item heavier than that gets a range of
-    its own). Contiguous ranges keep results in request order when reassembled.
+    At least ``min(parts, N)`` ranges, each with at most ``max_items`` items and at most ``max_weight`` total
+    weight (an item heavier than that gets a range of its own). Contiguous ranges keep results in request
+    order when reassembled.
     """
-    n = len(weights_N)
-    if n == 0:
-        return []
-    total = sum(weights_N)
-    parts = max(parts, math.ceil(n / max_items), math.ceil(total / max_weight) if max_weight else 1)
-    target = total / min(parts, n)
+    n, total = len(weights_N), sum(weights_N)
     ranges: list[tuple[int, int]] = []
-    start, acc, before = 0, 0, 0  # acc: weight of the open range, before: weight of closed ranges
-    for i, w in enumerate(weights_N):
-        full = i - start >= max_items or (max_weight is not None and acc + w > max_weight)
-        # close the open range when this item's midpoint passes the next balanced boundary
-        balanced = before + acc + w / 2 > target * (len(ranges) + 1)
-        if i > start and (full or balanced):
-            ranges.append((start, i))
-            start, before, acc = i, before + acc, 0
-        acc += w
-    ranges.append((start, n))
+    start, before = 0, 0  # before: weight of the closed ranges
+    while start < n:
+        left_n, left_w = n - start, total - before
+        need = max(parts - len(ranges), math.ceil(left_n / max_items))
+        if max_weight:
+            need = max(need, math.ceil(left_w / max_weight))
+        need = min(need, left_n)
+        target = left_w / need  # re-balanced after every range, so a forced cut does not skew the rest
+        end, acc = start, 0
+        while end < n:
+            w = weights_N[end]
+            full = end - start >= max_items or (max_weight is not None and acc + w > max_weight)
+            # stop when this item's midpoint passes the target, or the other ranges would run out of items
+            if end > start and (full or acc + w / 2 > target or n - end < need):
+                break
+            acc, end = acc + w, end + 1
+        ranges.append((start, end))
+        start, before = end, before + acc
     return ranges
 
 
@@ -210,6 +229,24 @@ class ClientStats:
 # ------------------------------------------------------------------------------------------------- pool
 
 
+def check_urls(urls: list[str]) -> list[str]:
+    """Validated teacher base URLs without trailing slashes; each at most once."""
+    if not urls:
+        raise TeacherInputError("urls: give at least one teacher URL, e.g. http://127.0.0.1:8000")
+    out = []
+    for url in urls:
+        try:
+            parsed = httpx.URL(url)
+        except (httpx.InvalidURL, TypeError):
+            parsed = None
+        if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
+            raise TeacherInputError(f"urls: {url!r} is not an http(s) URL such as http://127.0.0.1:8000")
+        out.append(url.rstrip("/"))
+    if len(set(out)) != len(out):
+        raise TeacherInputError(f"urls: {out} lists a URL twice")
+    return out
+
+
 @dataclass
 class Endpoint:
     """One teacher URL and what the client knows about its health."""
@@ -226,6 +263,7 @@ class _Failure:
     reason: str
     retry_after: float | None = None
     status: int | None = None
+    message: str = ""
 
 
 @dataclass
@@ -297,16 +335,19 @@ class EndpointPool:
             log.info("teacher %s is answering again", ep.url)
         ep.failures, ep.down_until, ep.last_error = 0, 0.0, None
 
-    def _mark_failed(self, ep: Endpoint, failure: _Failure, now: float) -> None:
+    def _mark_failed(self, ep: Endpoint, failure: _Failure, now: float) -> bool:
+        """Start or extend the endpoint's cool-down; True when this failure is a new outage step."""
         # Requests that were in flight together all fail together: count one failure per outage step,
         # not one per request, so the cool-down does not jump to its cap after a single outage.
-        if ep.down_until <= now:
+        new_step = ep.down_until <= now
+        if new_step:
             ep.failures += 1
         delay = backoff_delay(
             ep.failures, self.policy.base_delay_s, self.policy.max_delay_s, self._rng.random()
         )
         ep.down_until = max(ep.down_until, now + max(delay, failure.retry_after or 0.0))
         ep.last_error = failure.reason
+        return new_step
 
     # ------------------------------------------------------------------------------------------ sending
     async def request(
@@ -325,7 +366,7 @@ class EndpointPool:
         ``deadline`` (``time.monotonic()``) is shared by all requests of one client call. ``endpoint`` pins
         the request to one URL (used for per-URL queries such as ``/v1/model``).
         """
-        attempts, start, errors = 0, time.monotonic(), {}
+        attempts, internal, start, errors = 0, 0, time.monotonic(), {}
         while True:
             await self._wait_for_endpoint(deadline, endpoint)
             async with self._slots:
@@ -338,16 +379,21 @@ class EndpointPool:
             if reply is not None:
                 return reply
             now = time.monotonic()
-            self._mark_failed(ep, failure, now)
+            new_step = self._mark_failed(ep, failure, now)
             errors[ep.url] = failure.reason
+            internal += failure.status == 500
+            if internal >= self.policy.max_internal_errors:
+                raise TeacherServerError(ep.url + path, 500, failure.message, internal)
             budget_spent = now >= deadline
             attempts_spent = self.policy.max_attempts is not None and attempts >= self.policy.max_attempts
             if budget_spent or attempts_spent:
                 raise TeacherUnavailable(
                     f"{method} {path}", attempts, now - start, self.policy.describe(), errors
                 )
-            log.warning(
-                "teacher %s%s failed (%s); attempt %d, retrying%s",
+            # one warning per outage step of an endpoint, not one per waiting request
+            log.log(
+                logging.WARNING if new_step else logging.DEBUG,
+                "teacher %s%s failed (%s); attempt %d of this request, retrying%s",
                 ep.url,
                 path,
                 failure.reason,
@@ -395,11 +441,8 @@ class EndpointPool:
             self.stats.failures += 1
             self.stats.status_failures[status] = self.stats.status_failures.get(status, 0) + 1
             err = error_from_response(url, response)
-            return _Failure(
-                f"HTTP {status}: {err.message}",
-                parse_retry_after(response.headers.get("retry-after")),
-                status,
-            ), None
+            retry_after = parse_retry_after(response.headers.get("retry-after"))
+            return _Failure(f"HTTP {status}: {err.message}", retry_after, status, err.message), None
         self._mark_ok(ep)  # the server answered: it is alive even when it refuses the request
         if status >= 400:
             raise error_from_response(url, response)

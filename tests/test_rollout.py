@@ -165,12 +165,12 @@ def test_batch_size_chunks_and_static_cache_give_the_same_rollouts(student, prom
     kwargs = dict(n=2, temperature=0, max_new_tokens=8, top_k_record=4)
     base = HFRolloutEngine(model, tok).generate(prompts, **kwargs).samples
     for engine in (
-        HFRolloutEngine(model, tok, batch_size=3),
+        HFRolloutEngine(model, tok, batch_size=3, cache_implementation="dynamic"),
         HFRolloutEngine(model, tok, cache_implementation="static", prompt_pad_multiple=16),
     ):
         other = engine.generate(prompts, **kwargs).samples
         assert [s.completion_ids.tolist() for s in other] == [s.completion_ids.tolist() for s in base]
-        for x, y in zip(other, base):
+        for x, y in zip(other, base, strict=True):
             torch.testing.assert_close(x.topk_logprobs, y.topk_logprobs, **TOL)
 
 
@@ -217,8 +217,12 @@ def test_mode_policy_version_and_bad_arguments(student, prompts):
         engine.generate([[]])
     with pytest.raises(ValueError, match="max_position_embeddings is 2048"):
         engine.generate([[5] * 2048])
+    with pytest.raises(ValueError, match="top_k_record=2000 exceeds the vocabulary"):
+        engine.generate(prompts[:1], top_k_record=2000)
     with pytest.raises(ValueError, match="cache_implementation"):
         HFRolloutEngine(model, tok, cache_implementation="paged")
+    with pytest.raises(ValueError, match=r"vocab_limit=5000 must be in \[1, 1024\]"):
+        HFRolloutEngine(model, tok, vocab_limit=5000)
 
 
 def test_left_pad_layout():

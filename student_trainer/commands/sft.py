@@ -22,7 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="student model directory or hub id")
     p.add_argument("--data", required=True, help="JSONL of rollouts (e.g. the kept output of `filter`)")
     p.add_argument("--output-dir", default=d.output_dir)
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs over the data)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps (default: --epochs over the data)"
+    )
     p.add_argument("--epochs", type=float, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step (global)")
     p.add_argument("--micro-batch", type=int, default=d.micro_batch, help="sequences per forward per process")
@@ -32,15 +34,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--grad-clip", type=float, default=d.grad_clip)
     p.add_argument("--max-length", type=int, default=d.max_length, help="prompt + completion tokens")
-    p.add_argument("--student-template", default=d.student_template,
-                   help="'chat' (the student's chat template) or a string with {question}")
+    p.add_argument(
+        "--student-template",
+        default=d.student_template,
+        help="'chat' (the student's chat template) or a string with {question}",
+    )
     p.add_argument("--system-prompt", default=None)
     p.add_argument("--question-field", default=d.question_field)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (0 = never)")
+    p.add_argument(
+        "--save-every", type=int, default=d.save_every, help="checkpoint every N steps (0 = never)"
+    )
     p.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16"])
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in --output-dir"
+    )
     p.add_argument("--no-plot", dest="plot", action="store_false")
 
 

