@@ -1,4 +1,4 @@
-"""``student-trainer``: on-policy distillation of a student from a teacher served over HTTP.
+"""student-trainer: on-policy distillation of a student from a teacher served over HTTP.
 
 Commands (``student-trainer COMMAND --help`` for each):
   train      OPD training against one or more teacher endpoints (also under accelerate launch)
@@ -36,40 +36,29 @@ COMMANDS: dict[str, str] = {
 }
 
 
-def _available() -> dict[str, object]:
-    mods = {}
-    for name, path in COMMANDS.items():
-        try:
-            mods[name] = importlib.import_module(path)
-        except ModuleNotFoundError as exc:
-            if exc.name != path:  # a real missing dependency inside the command: surface it
-                raise
-    return mods
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="student-trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def _command_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of one command; only that command's module is imported (fast start, isolated failures)."""
+    mod = importlib.import_module(COMMANDS[name])
+    p = argparse.ArgumentParser(
+        prog=f"student-trainer {name}",
+        description=mod.HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, mod in _available().items():
-        p = sub.add_parser(
-            name,
-            help=mod.HELP.splitlines()[0],
-            description=mod.HELP,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
-    return parser
+    mod.add_arguments(p)
+    p.set_defaults(_run=mod.run)
+    return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "_run", None):
-        parser.print_help()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        sys.exit(0 if argv else 2)
+    name = argv[0]
+    if name not in COMMANDS:
+        print(f"student-trainer: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}")
         sys.exit(2)
+    args = _command_parser(name).parse_args(argv[1:])
     sys.exit(args._run(args) or 0)
 
 

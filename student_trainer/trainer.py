@@ -142,7 +142,14 @@ class OPDTrainer:
             )
 
     def _setup_rollouts(self) -> None:
+        from student_trainer.config import ConfigError
         from student_trainer.rollout import HFRolloutEngine
+
+        if self.cfg.rollout.static_cache and self.acc.mixed_precision != "no":
+            raise ConfigError(
+                "rollout.static_cache=true with fp32 master weights and bf16 autocast: the static KV cache takes "
+                "the weights' dtype and refuses bf16 keys; set model.dtype=bfloat16 or rollout.static_cache=false"
+            )
 
         model = self.acc.unwrap_model(self.policy).causal_lm
         rows = model.get_output_embeddings().weight.shape[0]
@@ -208,13 +215,33 @@ class OPDTrainer:
     def train_step(self, step: int) -> dict[str, Any]:
         """One on-policy step; returns the step's metrics (identical on every process)."""
         t0 = time.perf_counter()
-        tc, rc = self.cfg.train, self.cfg.rollout
+        tc = self.cfg.train
         world, rank = self.acc.num_processes, self.acc.process_index
         prompts = self.stream.take(tc.prompts_per_step)[rank::world]
         micro = [
             prompts[i : i + tc.micro_batch_prompts] for i in range(0, len(prompts), tc.micro_batch_prompts)
         ]
-        gen_s, wait_s = 0.0, 0.0
+        pending, times = self._rollout_phase(step, micro)
+        local_tokens = sum(r.num_tokens for _, r, _ in pending)
+        step_tokens = float(self.acc.reduce(torch.tensor(float(local_tokens), device=self.acc.device), "sum"))
+        totals, loss_sum = self._train_phase(pending, step_tokens, times)
+        o0 = time.perf_counter()
+        clip = self.cfg.optim.grad_clip
+        grad_norm = self.acc.clip_grad_norm_(self.policy.parameters(), clip) if clip else None
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.engine.sync_weights(self.acc.unwrap_model(self.policy).causal_lm)
+        times["optimizer"] = time.perf_counter() - o0
+        times["step"] = time.perf_counter() - t0
+        samples = [s for _, r, _ in pending for s in r.samples]
+        return self._step_metrics(step, totals, loss_sum, samples, step_tokens, grad_norm, times)
+
+    def _rollout_phase(self, step: int, micro: list) -> tuple[list, dict[str, float]]:
+        """Generate each micro-batch and hand it to the teacher at once: scoring of micro-batch i runs while
+        i+1 is generated. Returns [(prompts, rollouts, future)] and the phase times."""
+        rc, tc = self.cfg.rollout, self.cfg.train
+        times = {"generate": 0.0, "teacher_wait": 0.0}
         pending = []
         for i, mb in enumerate(micro):
             g0 = time.perf_counter()
@@ -226,54 +253,31 @@ class OPDTrainer:
                     top_p=rc.top_p,
                     max_new_tokens=rc.max_new_tokens,
                     top_k_record=self.cfg.loss.top_k,
-                    seed=rollout_seed(tc.seed, step, rank, i),
+                    seed=rollout_seed(tc.seed, step, self.acc.process_index, i),
                 )
-            gen_s += time.perf_counter() - g0
+            times["generate"] += time.perf_counter() - g0
             fut = self._submit_scores(mb, rollouts)
             if fut is not None and not tc.overlap_scoring:  # sequential baseline: wait before generating more
                 w0 = time.perf_counter()
                 fut.result()
-                wait_s += time.perf_counter() - w0
+                times["teacher_wait"] += time.perf_counter() - w0
             pending.append((mb, rollouts, fut))
-        local_tokens = sum(r.num_tokens for _, r, _ in pending)
-        step_tokens = float(self.acc.reduce(torch.tensor(float(local_tokens), device=self.acc.device), "sum"))
-        totals, fb_s, loss_sum = None, 0.0, 0.0
+        return pending, times
+
+    def _train_phase(self, pending: list, step_tokens: float, times: dict[str, float]):
+        """Forward/backward of each micro-batch as its scores arrive; gradients accumulate."""
+        totals, loss_sum, fb = None, 0.0, 0.0
         for i, (mb, rollouts, fut) in enumerate(pending):
             w0 = time.perf_counter()
             scores = fut.result() if fut is not None else None
-            wait_s += time.perf_counter() - w0
+            times["teacher_wait"] += time.perf_counter() - w0
             f0 = time.perf_counter()
             loss, part = self._micro_step(mb, rollouts, scores, step_tokens, last=i == len(pending) - 1)
-            fb_s += time.perf_counter() - f0
+            fb += time.perf_counter() - f0
             loss_sum += float(loss)
             totals = part if totals is None else totals + part
-        o0 = time.perf_counter()
-        grad_norm = (
-            self.acc.clip_grad_norm_(self.policy.parameters(), self.cfg.optim.grad_clip)
-            if self.cfg.optim.grad_clip
-            else None
-        )
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.engine.sync_weights(self.acc.unwrap_model(self.policy).causal_lm)
-        opt_s = time.perf_counter() - o0
-        samples = [s for _, r, _ in pending for s in r.samples]
-        return self._step_metrics(
-            step,
-            totals,
-            loss_sum,
-            samples,
-            step_tokens,
-            grad_norm,
-            {
-                "generate": gen_s,
-                "teacher_wait": wait_s,
-                "forward_backward": fb_s,
-                "optimizer": opt_s,
-                "step": time.perf_counter() - t0,
-            },
-        )
+        times["forward_backward"] = fb
+        return totals, loss_sum
 
     def _submit_scores(self, prompts, rollouts):
         """Send a micro-batch to the HTTP teacher (a future); local teachers score inside the train phase."""

@@ -160,6 +160,20 @@ def _install_error_handlers(app: FastAPI) -> None:
         err = from_validation_error(ValidationError.from_exception_data("request", exc.errors()))
         return JSONResponse(err.body(), status_code=422)
 
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        body = {
+            "error": {
+                "type": "internal",
+                "message": f"internal server error: {type(exc).__name__}: {exc}",
+                "field": None,
+                "value": None,
+                "limit": None,
+            }
+        }
+        return JSONResponse(body, status_code=500)
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         body = {

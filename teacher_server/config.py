@@ -56,7 +56,7 @@ class ServerConfig:
             raise ConfigError(f"--max-top-k {self.max_top_k} must be within 0..4096")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"--max-model-len {self.max_model_len} must be at least 2")
-        if self.max_model_len and self.max_batch_tokens < self.max_model_len:
+        if self.backend == "hf" and self.max_model_len and self.max_batch_tokens < self.max_model_len:
             raise ConfigError(
                 f"--max-batch-tokens {self.max_batch_tokens} is below --max-model-len {self.max_model_len}: "
                 "a full-length sequence could never be scored; raise it or lower --max-model-len"

@@ -56,9 +56,12 @@ def generate_samples(
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if params.stop:
             kwargs.update(stop_strings=params.stop, tokenizer=tokenizer)
+        greedy_copies = params.n if params.temperature == 0 else 1
+        if greedy_copies > 1:  # greedy is deterministic: decode once, return n identical samples
+            kwargs["num_return_sequences"] = 1
         res = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
-        new = res.sequences[:, len(prompt) :]
-        logits = torch.stack(res.logits, dim=1).float()  # (n, steps, V) raw logits
+        new = res.sequences[:, len(prompt) :].repeat(greedy_copies, 1)
+        logits = torch.stack(res.logits, dim=1).float().repeat(greedy_copies, 1, 1)  # (n, steps, V) raw
         token_lp = logits.log_softmax(-1).gather(-1, new[:, : logits.shape[1], None]).squeeze(-1)
         out.append(
             [_sample(row, token_lp[r], eos, pad, params, tokenizer, max_new) for r, row in enumerate(new)]

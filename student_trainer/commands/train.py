@@ -26,6 +26,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir"
     )
+    p.add_argument(
+        "--teacher-url",
+        action="append",
+        default=None,
+        metavar="URL",
+        help="teacher endpoint (repeat for several); same as teacher.urls=[...]",
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
@@ -46,11 +53,15 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"student-trainer train: config error: {exc}")
         return 2
+    from student_trainer.prompts import PromptDataError
     from student_trainer.teacher_client import TeacherError
     from student_trainer.trainer import OPDTrainer
 
     try:
         OPDTrainer(cfg, resume=args.resume).train()
+    except (ConfigError, PromptDataError) as exc:
+        print(f"student-trainer train: {exc}")
+        return 2
     except TeacherError as exc:
         print(f"student-trainer train: teacher error: {exc}")
         return 3

