@@ -29,12 +29,32 @@ from student_trainer.teacher_process import TeacherProcess  # noqa: E402
 from student_trainer.tiny_models import TEACHER_SPEC, TinySpec, build_tokenizer, save_shape_config, save_tiny  # noqa: E402
 
 PRESETS = {
-    "cpu": dict(steps=4, prompts=16, micro=4, max_new=48, static=False, teacher_shape=None, student_shape=None,
-                overlap_off=True, micro_bench=False),
-    "gpu": dict(steps=3, prompts=64, micro=32, max_new=256, static=False, teacher_shape="qwen3-8b",
-                student_shape="qwen3-1.7b", overlap_off=False, micro_bench=True),
+    "cpu": dict(
+        steps=4,
+        prompts=16,
+        micro=4,
+        max_new=48,
+        static=False,
+        teacher_shape=None,
+        student_shape=None,
+        overlap_off=True,
+        micro_bench=False,
+    ),
+    "gpu": dict(
+        steps=3,
+        prompts=64,
+        micro=32,
+        max_new=256,
+        static=False,
+        teacher_shape="qwen3-8b",
+        student_shape="qwen3-1.7b",
+        overlap_off=False,
+        micro_bench=True,
+    ),
 }
-CPU_STUDENT = TinySpec(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64, intermediate_size=768)
+CPU_STUDENT = TinySpec(
+    hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64, intermediate_size=768
+)
 
 
 def build_student(root: Path, shape: str | None) -> Path:
@@ -54,7 +74,10 @@ def build_student(root: Path, shape: str | None) -> Path:
 def write_prompts(path: Path, n: int) -> Path:
     with path.open("w") as f:
         for i in range(n):
-            f.write(json.dumps({"question": f"What is {i * 37 % 1000} + {i * 91 % 1000}? Think step by step."}) + "\n")
+            f.write(
+                json.dumps({"question": f"What is {i * 37 % 1000} + {i * 91 % 1000}? Think step by step."})
+                + "\n"
+            )
     return path
 
 
@@ -62,11 +85,20 @@ def opd_run(args, student: Path, url: str, data: Path, out: Path, overlap: bool)
     from student_trainer.trainer import OPDTrainer
 
     ov = [
-        f"model.student={student}", f"teacher.urls=[{url}]", f"data.path={data}", f"train.steps={args.steps}",
-        f"train.prompts_per_step={args.prompts}", f"train.micro_batch_prompts={args.micro}",
-        f"rollout.max_new_tokens={args.max_new}", f"rollout.static_cache={str(args.static).lower()}",
-        f"train.output_dir={out}", f"train.overlap_scoring={str(overlap).lower()}", "logging.plot=false",
-        "logging.progress_bar=false", "train.sample_every=0", "train.save_every=0",
+        f"model.student={student}",
+        f"teacher.urls=[{url}]",
+        f"data.path={data}",
+        f"train.steps={args.steps}",
+        f"train.prompts_per_step={args.prompts}",
+        f"train.micro_batch_prompts={args.micro}",
+        f"rollout.max_new_tokens={args.max_new}",
+        f"rollout.static_cache={str(args.static).lower()}",
+        f"train.output_dir={out}",
+        f"train.overlap_scoring={str(overlap).lower()}",
+        "logging.plot=false",
+        "logging.progress_bar=false",
+        "train.sample_every=0",
+        "train.save_every=0",
     ]
     trainer = OPDTrainer(load_config(None, ov))
     trainer.train()
@@ -76,17 +108,26 @@ def opd_run(args, student: Path, url: str, data: Path, out: Path, overlap: bool)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     timed = rows[1:] if len(rows) > 1 else rows  # the first step includes warm-up / compilation
-    tot = {k: sum(r[f"time/{k}_s"] for r in timed) for k in ("generate", "teacher_wait", "forward_backward",
-                                                              "optimizer", "step")}
+    tot = {
+        k: sum(r[f"time/{k}_s"] for r in timed)
+        for k in ("generate", "teacher_wait", "forward_backward", "optimizer", "step")
+    }
     gen_tokens = sum(r["rollout/tokens"] for r in timed)
     result = {
-        "overlap": overlap, "steps_timed": len(timed), "rollout_tokens_per_step": gen_tokens / len(timed),
-        "generate_tok_s": gen_tokens / tot["generate"], "teacher_wait_share": tot["teacher_wait"] / tot["step"],
-        "forward_backward_s": tot["forward_backward"] / len(timed), "optimizer_s": tot["optimizer"] / len(timed),
-        "step_s": tot["step"] / len(timed), "reverse_kl_first_last": [rows[0]["opd/reverse_kl"], rows[-1]["opd/reverse_kl"]],
+        "overlap": overlap,
+        "steps_timed": len(timed),
+        "rollout_tokens_per_step": gen_tokens / len(timed),
+        "generate_tok_s": gen_tokens / tot["generate"],
+        "teacher_wait_share": tot["teacher_wait"] / tot["step"],
+        "forward_backward_s": tot["forward_backward"] / len(timed),
+        "optimizer_s": tot["optimizer"] / len(timed),
+        "step_s": tot["step"] / len(timed),
+        "reverse_kl_first_last": [rows[0]["opd/reverse_kl"], rows[-1]["opd/reverse_kl"]],
         "peak_gib": max(r.get("memory/peak_gib", r.get("memory/peak_rss_gib", 0)) for r in rows),
     }
-    result["share"] = {k: tot[k] / tot["step"] for k in ("generate", "teacher_wait", "forward_backward", "optimizer")}
+    result["share"] = {
+        k: tot[k] / tot["step"] for k in ("generate", "teacher_wait", "forward_backward", "optimizer")
+    }
     return result
 
 
@@ -131,11 +172,15 @@ def train_step_bench(student: Path, batch: int, length: int, k: int = 16) -> dic
             opt.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-        out[variant] = {"tok_s": batch * length / min(times[1:]),
-                        "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+        out[variant] = {
+            "tok_s": batch * length / min(times[1:]),
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        }
         del model, policy, opt, lp, loss
     out["memory_ratio_naive_over_chunked"] = out["naive"]["peak_gib"] / out["chunked"]["peak_gib"]
-    out["memory_ratio_naive_over_chunked_gc"] = out["naive"]["peak_gib"] / out["chunked+checkpointing"]["peak_gib"]
+    out["memory_ratio_naive_over_chunked_gc"] = (
+        out["naive"]["peak_gib"] / out["chunked+checkpointing"]["peak_gib"]
+    )
     return out
 
 
@@ -156,8 +201,16 @@ def main() -> None:
         return
     if args.teacher_shape:
         teacher_dir = save_shape_config(root / "teacher", args.teacher_shape)
-        teacher_args = ["--load-format", "dummy", "--dtype", "bfloat16", "--max-model-len", "4096",
-                        "--max-batch-tokens", "65536"]
+        teacher_args = [
+            "--load-format",
+            "dummy",
+            "--dtype",
+            "bfloat16",
+            "--max-model-len",
+            "4096",
+            "--max-batch-tokens",
+            "65536",
+        ]
     else:
         teacher_dir = save_tiny(root / "teacher", TEACHER_SPEC, seed=2, tokenizer=build_tokenizer())
         teacher_args = []
@@ -186,13 +239,17 @@ def main() -> None:
     if "error" in on:
         print(json.dumps(results))
         return
-    print(f"\nstep {on['step_s']:.2f}s: generate {on['share']['generate']:.0%}, teacher wait "
-          f"{on['share']['teacher_wait']:.0%}, fwd/bwd {on['share']['forward_backward']:.0%}, optimizer "
-          f"{on['share']['optimizer']:.0%}; generation {on['generate_tok_s']:,.0f} tok/s; peak {on['peak_gib']:.1f} GiB")
+    print(
+        f"\nstep {on['step_s']:.2f}s: generate {on['share']['generate']:.0%}, teacher wait "
+        f"{on['share']['teacher_wait']:.0%}, fwd/bwd {on['share']['forward_backward']:.0%}, optimizer "
+        f"{on['share']['optimizer']:.0%}; generation {on['generate_tok_s']:,.0f} tok/s; peak {on['peak_gib']:.1f} GiB"
+    )
     if "overlap_off" in results:
         off = results["overlap_off"]
-        print(f"teacher wait share: {on['teacher_wait_share']:.1%} with overlap vs {off['teacher_wait_share']:.1%} "
-              "without")
+        print(
+            f"teacher wait share: {on['teacher_wait_share']:.1%} with overlap vs {off['teacher_wait_share']:.1%} "
+            "without"
+        )
     print(json.dumps(results))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=2))

@@ -355,9 +355,7 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
         summary="Teacher log-probs, top-k, candidate log-probs and entropy per completion token",
     )
     async def score(request: Request) -> Response:
-        t0 = time.perf_counter()
-        status = "error"
-        try:
+        async with _observed(state, "score"):
             _require_ready(state)
             req, fmt = await _parse(request, ScoreRequest, state)
             jobs = score_jobs(req, state.backend.tokenizer, state.limits)
@@ -374,14 +372,7 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
             }
             state.metrics.scored_tokens.inc(scored)
             state.metrics.prompt_tokens.inc(prompt)
-            status = "200"
             return await _respond(doc, fmt, scored)
-        except APIError as exc:
-            status = str(exc.status)
-            raise
-        finally:
-            state.metrics.requests.labels("score", status).inc()
-            state.metrics.latency.labels("score").observe(time.perf_counter() - t0)
 
     @app.post(
         "/v1/generate",
@@ -390,9 +381,7 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
         summary="Teacher rollouts: n samples per prompt",
     )
     async def generate(request: Request) -> Response:
-        t0 = time.perf_counter()
-        status = "error"
-        try:
+        async with _observed(state, "generate"):
             _require_ready(state)
             if not state.backend.capabilities().generate:
                 raise APIError(422, f"the {state.backend.name} backend does not generate", type="unsupported")
@@ -407,19 +396,28 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
             ]
             gen = sum(len(s.completion_ids) for group in samples for s in group)
             state.metrics.generated_tokens.inc(gen)
-            status = "200"
             doc = {
                 "model": state.config.name,
                 "results": results,
                 "usage": {"prompt_tokens": sum(map(len, prompts)), "completion_tokens": gen},
             }
             return await _respond(doc, fmt, gen)
-        except APIError as exc:
-            status = str(exc.status)
-            raise
-        finally:
-            state.metrics.requests.labels("generate", status).inc()
-            state.metrics.latency.labels("generate").observe(time.perf_counter() - t0)
+
+
+@asynccontextmanager
+async def _observed(state: ServerState, endpoint: str):
+    """Count the request by final status and time it (Prometheus), whatever the outcome."""
+    t0 = time.perf_counter()
+    status = "500"
+    try:
+        yield
+        status = "200"
+    except APIError as exc:
+        status = str(exc.status)
+        raise
+    finally:
+        state.metrics.requests.labels(endpoint, status).inc()
+        state.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
 
 
 def _decode_tokens(state: ServerState, jobs: list[ScoreJob]) -> list[list[str]]:
