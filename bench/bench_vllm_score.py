@@ -37,7 +37,7 @@ from student_trainer.teacher_process import TeacherProcess, free_port  # noqa: E
 from student_trainer.tiny_models import TinySpec, save_tiny  # noqa: E402
 from teacher_server.backends.vllm_convert import completion_rows  # noqa: E402
 
-# ~28M parameters: the trunk's compute dominates a scored position on CPU, as it does for real teachers.
+# 13.1M parameters: the trunk's compute dominates a scored position on CPU, as it does for real teachers.
 SPEC = TinySpec(
     hidden_size=512,
     num_layers=4,

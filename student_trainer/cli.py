@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     if name not in COMMANDS:
         print(f"student-trainer: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}")
         sys.exit(2)
-    args = _command_parser(name).parse_args(argv[1:])
+    args = _command_parser(name).parse_intermixed_args(argv[1:])
     sys.exit(args._run(args) or 0)
 
 
