@@ -13,10 +13,12 @@ SUMMARY_KEYS = (
     ("loss", "opd/loss", "{:.4f}"),
     ("kl", "opd/reverse_kl", "{:.4f}"),
     ("overlap", "opd/overlap_ratio", "{:.3f}"),
+    ("top1", "opd/overlap_top1", "{:.3f}"),
     ("ent_gap", "opd/entropy_gap", "{:+.3f}"),
     ("len", "rollout/response_length", "{:.0f}"),
     ("wait", "time/teacher_wait_share", "{:.0%}"),
     ("tok/s", "time/tokens_per_s", "{:.0f}"),
+    ("acc", "eval/accuracy", "{:.3f}"),  # on the steps that ran the held-out eval
 )
 PLOT_KEYS = (
     "opd/loss",

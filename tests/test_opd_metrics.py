@@ -60,6 +60,7 @@ def brute_force(
         h_t = -sum(x * math.log(x) for x in q.values())
         row = {
             "opd/overlap_ratio": len(shared) / K,
+            "opd/overlap_top1": float(max(p, key=p.get) == max(q, key=q.get)),
             "opd/student_shared_mass": sum(p[v] for v in shared),
             "opd/teacher_shared_mass": sum(q[v] for v in shared),
             "opd/student_topk_mass": z,
