@@ -2,7 +2,8 @@
 
 Commands (``student-trainer COMMAND --help`` for each):
   train      OPD training against one or more teacher endpoints (also under accelerate launch)
-  demo       the README demo: a short OPD run on tiny local models, CPU, no downloads
+  demo       the README demo: a student learns 3-digit addition from a teacher over HTTP (CPU, ~2 min)
+  score-demo score one rollout with a tiny teacher over HTTP and print tokens, log-probs and top-k
   generate   teacher rollouts through POST /v1/generate (off-policy cold start data)
   filter     drop incomplete, repetitive or too-short rollouts
   sft        supervised fine-tuning of the student on (filtered) rollouts
@@ -23,7 +24,8 @@ import sys
 # command -> module exposing HELP: str, add_arguments(parser) and run(args) -> int
 COMMANDS: dict[str, str] = {
     "train": "student_trainer.commands.train",
-    "demo": "student_trainer.commands.demo",
+    "demo": "student_trainer.commands.demo_opd",
+    "score-demo": "student_trainer.commands.score_demo",
     "generate": "student_trainer.commands.generate",
     "filter": "student_trainer.commands.filter",
     "sft": "student_trainer.commands.sft",

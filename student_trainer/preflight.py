@@ -13,10 +13,13 @@ Rules, in order (defaults in :class:`Thresholds`; each is a command-line flag):
 
 - "teacher brings nothing new": step-0 top-k overlap ratio >= ``nothing_new_overlap`` (0.9) AND step-0
   per-token reverse KL <= ``nothing_new_kl`` (0.05 nats). Both sides already agree on what matters.
-- "needs cold start": step-0 alignment < ``low_alignment`` (0.5) AND it does not rise: its least-squares slope
-  over the OPD steps is < ``min_slope`` (0.01 per step), or no step was run. Do the off-policy cold start
-  (generate -> filter -> sft) first, then OPD from the SFT'd student.
-- "compatible": otherwise (a moderate or high alignment, or a low one that OPD is visibly raising).
+- "needs cold start": step-0 alignment < ``low_alignment`` (0.5) AND it does not rise past it: its
+  least-squares slope over the OPD steps is < ``min_slope`` (0.01 per step), or its mean over the last 3 OPD
+  steps is still below ``low_alignment``, or no step was run. Do the off-policy cold start
+  (generate -> filter -> sft) first, then OPD from the SFT'd student. (Why "past it": in the mini-lab the
+  mismatched teacher's overlap rises steadily while the student's accuracy collapses; a low-but-rising
+  alignment was not evidence of compatibility there — docs/LAB.md.)
+- "compatible": otherwise (a moderate or high alignment, or a low one that OPD raises past the threshold).
 
 Alignment is ``metric``, by default the student's shared-token mass ``opd/student_shared_mass`` (the
 student's probability on the tokens in both top-k sets; primer: 97-99% in successful OPD). The top-k overlap
@@ -103,6 +106,7 @@ class Measures:
     alignment: float
     reverse_kl: float
     slope: float | None = None
+    final: float | None = None  # the alignment metric's mean over the last (up to 3) OPD steps
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,16 @@ def decide(m: Measures, t: Thresholds) -> Verdict:
                 (
                     f"{low} and stagnant: slope {m.slope:+.4f}/step < {t.min_slope}; run the off-policy "
                     "cold start (generate -> filter -> sft) first",
+                ),
+            )
+        if m.final is not None and m.final < t.low_alignment:
+            # Rising but still low: the mini-lab's mismatched teacher does exactly this while it overwrites the
+            # student's own pattern (its accuracy collapses first); only crossing the threshold counts.
+            return Verdict(
+                NEEDS_COLD_START,
+                (
+                    f"{low}; rising (slope {m.slope:+.4f}/step) but still {m.final:.3f} < {t.low_alignment} after "
+                    "the OPD steps: run the off-policy cold start (generate -> filter -> sft) first",
                 ),
             )
         return Verdict(COMPATIBLE, (f"{low}, but rising: slope {m.slope:+.4f}/step >= {t.min_slope}",))
@@ -271,8 +285,12 @@ def run_preflight(
         )
         if not keep_model:
             _drop_weights(run_dir)
-    slope = slope_per_step([r[metric] for r in rows]) if len(rows) >= 2 else None
-    measures = Measures(probe.chosen.overlap, probe.chosen.metrics[metric], probe.chosen.reverse_kl, slope)
+    series = [r[metric] for r in rows]
+    slope = slope_per_step(series) if len(rows) >= 2 else None
+    final = float(np.mean(series[-3:])) if series else None
+    measures = Measures(
+        probe.chosen.overlap, probe.chosen.metrics[metric], probe.chosen.reverse_kl, slope, final
+    )
     return PreflightReport(
         decide(measures, thresholds),
         measures,

@@ -14,7 +14,6 @@ position; ``resume`` continues exactly (rollouts are seeded per (seed, step, pro
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from contextlib import nullcontext
@@ -180,7 +179,11 @@ class OPDTrainer:
         )
         if self.acc.is_main_process:
             self.cfg.dump(self.out / "config.yaml")
-            self.acc.print("resolved config:\n" + json.dumps(self.cfg.to_dict(), indent=1, default=str))
+            lines = [
+                f"  {name}: " + ", ".join(f"{k}={v}" for k, v in section.items())
+                for name, section in self.cfg.to_dict().items()
+            ]
+            self.acc.print(f"resolved config (saved to {self.out / 'config.yaml'}):\n" + "\n".join(lines))
         if trackers:
             self.acc.init_trackers(self.cfg.logging.project, config=_flat(self.cfg.to_dict()))
 

@@ -212,6 +212,7 @@ def test_quick_lab_writes_results_report_and_figure(quick_lab):
     assert {r["run"] for r in saved} == {"opd_A", "opd_B"}
     text = report.markdown(saved, 0.5)
     assert "| opd_A | 1 |" in text and "(B, student)" in text and "verdict (step 0 only)" in text
+    assert [ok for _, ok in report.quick_checks(saved, out)] == [True, True]
     png = report.plot(saved, out, out / "lab.png")
     assert png is not None and png.stat().st_size > 10_000
     for r in res.values():

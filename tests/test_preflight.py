@@ -61,6 +61,14 @@ T = Thresholds()
         (Measures(overlap_ratio=0.1, alignment=0.3, reverse_kl=2.0, slope=0.0099), NEEDS_COLD_START),
         (Measures(overlap_ratio=0.1, alignment=0.3, reverse_kl=2.0, slope=0.01), COMPATIBLE),  # rising
         (
+            Measures(overlap_ratio=0.1, alignment=0.3, reverse_kl=2.0, slope=0.03, final=0.55),
+            COMPATIBLE,
+        ),  # crossed
+        (
+            Measures(overlap_ratio=0.1, alignment=0.3, reverse_kl=2.0, slope=0.03, final=0.45),
+            NEEDS_COLD_START,
+        ),
+        (
             Measures(overlap_ratio=0.4, alignment=0.5, reverse_kl=0.7, slope=-0.05),
             COMPATIBLE,
         ),  # bound: not low

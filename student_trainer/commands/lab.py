@@ -1,7 +1,7 @@
 """The mini-lab: OPD success and failure reproduced on a laptop, through the real service and trainer.
 
   student-trainer lab                          # 3 seeds x 3 runs, 200 OPD steps each (see docs/LAB.md)
-  student-trainer lab --quick                  # CI smoke: 1 seed, A and B only, 30 steps (~1 min)
+  student-trainer lab --quick                  # CI smoke: 1 seed, A and B only, 30 steps (~30 s)
   student-trainer lab --seeds 0 1 2 3 --steps 400 --out runs/lab4
 
 World: a + b with equal-length operands, a 16-token character tokenizer. Two teachers (4 layers x 128)
@@ -17,6 +17,8 @@ Runs, per seed (teacher-server processes over HTTP, `train`, `generate`, `filter
   cold_B   cold start: teacher B samples 2-digit problems, filter, SFT, then OPD from B
 Each run starts with a pre-flight verdict on its pair; the pre-flight's probe compares the teacher reading
 the student's prompt "{question}" with its own "<bos>{question}" (the teacher-aligned prompt).
+--quick also prints two direction checks (initial top-1 overlap A > B; OPD from A lowers the reverse KL)
+and exits with 1 if one fails.
 Output in --out: results.json, report.md (tables: accuracy before/after, top-1 overlap and reverse KL
 start -> end, steps, time; template probe; verdicts vs outcomes), lab.png, and one folder per run.
 """
@@ -75,7 +77,13 @@ def run(args: argparse.Namespace) -> int:
     (out / "report.md").write_text(text + "\n")
     png = report.plot(results, out, out / "lab.png")
     print(text)
+    failed = False
+    if args.quick:  # 30 steps are too few for accuracy to move: the agreement columns need the full lab
+        print("\nquick checks (the directions a few steps can show):")
+        for what, ok in report.quick_checks(results, out):
+            print(f"  {'ok  ' if ok else 'FAIL'} {what}")
+            failed |= not ok
     print(
         f"\nlab finished in {time.perf_counter() - t0:.0f} s -> {out}/report.md" + (f", {png}" if png else "")
     )
-    return 0
+    return 1 if failed else 0

@@ -1,15 +1,16 @@
 """Train the mini-lab's three models with the project's own ``sft`` on generated data (seeded).
 
-    python -m student_trainer.lab.build --out student_trainer/lab/models        # ~5 min on 2 CPU cores
+    python -m student_trainer.lab.build --out student_trainer/lab/models        # ~4 min on 2 CPU cores
 
 teacher_a, teacher_b: Qwen3, 4 layers x 128 (head_dim 32), trained on 2- and 3-digit problems in format A
 (resp. B) with the teachers' template ``<bos>{question}``. student: 2 layers x 128, format A, 1- and 2-digit
 problems only, plain ``{question}`` template: it has never seen a 3-digit problem. Each model starts from
 random weights (seeded) saved with ``save_pretrained`` and is trained by ``student-trainer sft`` in its own
-process (one thread each, two at a time; data and initialisation are prepared one model at a time first, so
-the result does not depend on the interleaving of the processes). The held-out eval problems (``eval_problems``, fixed) are kept out
-of every training set; the accuracies of the result are measured on them and written to
-``<model>/lab_card.json`` with the settings that produced it.
+process (one thread each, two at a time; data and initialisations are prepared first, one model at a time,
+so the weights do not depend on how the processes interleave: two builds give bit-identical weights on one
+machine). The fixed held-out eval problems (``eval_problems``) are kept out of every training set; the
+accuracies are measured on them and written to ``<model>/lab_card.json`` with the settings and the weights'
+sha256.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,6 @@ class ModelRecipe:
     lr: float = 3e-3
     warmup_steps: int = 30
     examples: int = 48_000  # generated SFT records (steps * batch_size: about one epoch)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 RECIPES = {
@@ -149,19 +149,18 @@ def single_thread_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def accuracy_by_digits(
+def card_accuracy(
     model_dir: Path, template: str, problems: dict[int, list[world.Problem]]
 ) -> dict[str, float]:
-    """Greedy accuracy (extractor ``last:;``) per digit count, through ``student_trainer.evaluate``."""
-    from student_trainer.evaluate import EvalConfig, Problem, evaluate, load_model
+    """Greedy held-out accuracy per operand length, ``{"acc_2digit": .., "acc_3digit": ..}`` (through
+    ``student_trainer.evaluate``, extractor ``last:;``)."""
+    from student_trainer.evaluate import Problem, load_model
+    from student_trainer.lab.opd import accuracy_by_digits
 
     model, tokenizer = load_model(model_dir, dtype="float32", device="cpu")
-    cfg = EvalConfig(greedy=True, max_new_tokens=48, batch_size=200, template=template, extractor="last:;")
-    out = {}
-    for digits, ps in sorted(problems.items()):
-        report = evaluate(model, tokenizer, [Problem(p.question, p.answer) for p in ps], cfg)
-        out[f"acc_{digits}digit"] = round(report.summary.accuracy, 4)
-    return out
+    items = [Problem(p.question, p.answer) for d in sorted(problems) for p in problems[d]]
+    acc = accuracy_by_digits(model, tokenizer, items, template)
+    return {k.removeprefix("eval/"): round(v, 4) for k, v in acc.items()}
 
 
 def prepare(recipe: ModelRecipe, work: Path, seed: int) -> tuple[Path, Path]:
@@ -202,11 +201,11 @@ def finish(recipe: ModelRecipe, sft_out: Path, out_dir: Path, seed: int, seconds
         if (sft_out / name).exists():
             shutil.copy(sft_out / name, target / name)
     card = {
-        "recipe": {k: v for k, v in asdict(recipe).items() if k != "extra"},
+        "recipe": asdict(recipe),
         "seed": seed,
         "sft_seconds": round(seconds, 1),
         "final_sft_loss": _last_loss(sft_out / "metrics.jsonl"),
-        "eval": accuracy_by_digits(target, recipe.template, eval_problems()),
+        "eval": card_accuracy(target, recipe.template, eval_problems()),
         "eval_problems": {str(d): n for d, n in EVAL_COUNTS.items()} | {"seed": EVAL_SEED},
         "weights_sha256": hashlib.sha256((target / "model.safetensors").read_bytes()).hexdigest(),
     }

@@ -146,6 +146,33 @@ def _yes(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
 
+def quick_checks(results: list[dict[str, Any]], lab_dir: str | Path) -> list[tuple[str, bool]]:
+    """The directions ``lab --quick`` can show in a few steps: (description with the numbers, holds?).
+
+    1. initial top-1 overlap with teacher A > with teacher B (OPD step 1, the untouched student);
+    2. OPD from A lowers the reverse KL: mean of the last 5 steps < 0.8 x the mean of the first 5 (it does
+       not fall in the first ~10 steps, so a single early step proves nothing).
+    """
+    from student_trainer.tracking import read_jsonl
+
+    runs = {r["run"]: r for r in results if r["seed"] == results[0]["seed"]}
+    out = []
+    if {"opd_A", "opd_B"} <= set(runs):
+        a, b = (runs[k]["start"]["opd/overlap_top1"] for k in ("opd_A", "opd_B"))
+        out.append((f"initial top-1 overlap A {a:.3f} > B {b:.3f}", a > b))
+    if "opd_A" in runs:
+        rows = read_jsonl(Path(lab_dir) / f"seed{runs['opd_A']['seed']}" / "opd_A" / "opd" / "metrics.jsonl")
+        kl = [r["opd/reverse_kl_topk"] for r in rows]
+        first, last = statistics.fmean(kl[:5]), statistics.fmean(kl[-5:])
+        out.append(
+            (
+                f"reverse KL from A, first 5 steps {first:.3f} -> last 5 {last:.3f} (< 0.8x)",
+                last < 0.8 * first,
+            )
+        )
+    return out
+
+
 def markdown(results: list[dict[str, Any]], success: float) -> str:
     return "\n\n".join([main_table(results), template_table(results), verdict_table(results, success)])
 

@@ -25,15 +25,14 @@ import contextlib
 import json
 import multiprocessing
 import random
-import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from student_trainer.lab import world
-from student_trainer.lab.build import MODELS_DIR, eval_problems, single_thread_env
+from student_trainer.lab.build import MODELS_DIR, eval_problems, held_out, single_thread_env
 
 RUNS = ("opd_A", "opd_B", "cold_B")
 TEACHER_OF = {"opd_A": "teacher_a", "opd_B": "teacher_b", "cold_B": "teacher_b"}
@@ -82,6 +81,18 @@ class LabSettings:
             if not ok:
                 raise LabError(message)
 
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> LabSettings:
+        """Inverse of ``dataclasses.asdict`` (JSON turns the tuples into lists)."""
+        return cls(
+            **{
+                **doc,
+                "seeds": tuple(doc["seeds"]),
+                "runs": tuple(doc["runs"]),
+                "mix": tuple((int(d), float(w)) for d, w in doc["mix"]),
+            }
+        )
+
 
 QUICK = LabSettings(
     seeds=(0,),
@@ -122,12 +133,12 @@ def _run_job(job: dict[str, Any], out: Path) -> dict[str, Any]:
     from student_trainer.lab.opd import LabTrainer, accuracy_by_digits, cold_start, lab_config
     from student_trainer.tracking import read_jsonl
 
-    s = LabSettings(**{**job["settings"], "seeds": tuple(job["settings"]["seeds"])})
+    s = LabSettings.from_dict(job["settings"])
     t0 = time.perf_counter()
     student, cold = job["student"], None
     if job["run"] == "cold_B":
         rng = random.Random(f"cold:{job['seed']}")
-        problems = world.sample_problems(rng, 2, s.cold_prompts, exclude=_held_out())
+        problems = world.sample_problems(rng, 2, s.cold_prompts, exclude=held_out())
         sft_dir, cold = cold_start(
             student,
             job["teacher_url"],
@@ -257,15 +268,6 @@ def _tail_mean(rows: list[dict[str, Any]], n: int) -> dict[str, float]:
     return out
 
 
-_HELD_OUT: list[world.Problem] = []
-
-
-def _held_out() -> list[world.Problem]:
-    if not _HELD_OUT:
-        _HELD_OUT.extend(p for ps in eval_problems().values() for p in ps)
-    return _HELD_OUT
-
-
 # ------------------------------------------------------------------------------------------- the lab
 
 
@@ -285,7 +287,7 @@ def write_inputs(out: Path, s: LabSettings) -> dict[str, Any]:
         out / "eval.jsonl",
         world.problem_records(p for d in sorted(evals) for p in evals[d][: s.eval_per_digits]),
     )
-    banned = {(p.a, p.b) for p in _held_out()}
+    banned = {(p.a, p.b) for p in held_out()}
     prompts = {}
     for seed in s.seeds:
         rng = random.Random(f"opd-prompts:{seed}")
@@ -362,7 +364,7 @@ def run_lab(
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=settings.workers, mp_context=ctx) as pool:
             futures = {pool.submit(run_job, j): j for j in jobs}
-            for fut in _as_completed(futures):
+            for fut in as_completed(futures):
                 job = futures[fut]
                 try:
                     res = fut.result()
@@ -381,12 +383,6 @@ def run_lab(
     return results
 
 
-def _as_completed(futures):
-    from concurrent.futures import as_completed
-
-    return as_completed(futures)
-
-
 def _one_line(r: dict[str, Any]) -> str:
     b, a = r["before"], r["after"]
     return (
@@ -401,7 +397,3 @@ def _one_line(r: dict[str, Any]) -> str:
 def with_overrides(base: LabSettings, **changes: Any) -> LabSettings:
     """``base`` with the non-None ``changes`` applied (command-line flags)."""
     return replace(base, **{k: v for k, v in changes.items() if v is not None})
-
-
-if __name__ == "__main__":  # spawn workers import this module; the command line lives in commands/lab.py
-    sys.exit("use: student-trainer lab --help")

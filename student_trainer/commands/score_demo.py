@@ -1,4 +1,4 @@
-"""The README demo: tiny local models, a real teacher-server over HTTP, no downloads, CPU.
+"""Score one rollout with a tiny teacher over HTTP: tiny local models, a real teacher-server, CPU.
 
 Builds a tiny teacher and student (random weights, shared BPE tokenizer), starts `teacher-server`, and
 scores a sample rollout over HTTP, printing a table of tokens, teacher log-probs and the teacher's top-k.
@@ -15,7 +15,7 @@ HELP = __doc__
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workdir", default="runs/demo", help="where models, logs and outputs go")
+    p.add_argument("--workdir", default="runs/score_demo", help="where models, logs and outputs go")
     p.add_argument("--top-k", type=int, default=3)
 
 
