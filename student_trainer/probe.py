@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -253,9 +252,8 @@ class Prober:
         from accelerate import Accelerator
 
         from shared.fingerprint import tokenizer_fingerprint
+        from student_trainer.components import build_rollout_engine, capabilities, connect_teacher
         from student_trainer.policy import HiddenStatesLM, load_causal_lm
-        from student_trainer.rollout import HFRolloutEngine
-        from student_trainer.teacher_client import SyncTeacherClient, check_compatibility
 
         if not cfg.teacher.urls:
             raise ProbeError("the probe needs a teacher endpoint: set teacher.urls (--teacher-url URL)")
@@ -268,37 +266,10 @@ class Prober:
         )
         self.policy = HiddenStatesLM(model.to(self.acc.device))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        rows = model.get_output_embeddings().weight.shape[0]
-        self.engine = HFRolloutEngine(
-            model,
-            self.tokenizer,
-            cache_implementation="static" if cfg.rollout.static_cache else None,
-            prompt_pad_multiple=64 if cfg.rollout.static_cache else 1,
-            vocab_limit=len(self.tokenizer) if rows > len(self.tokenizer) else None,
-        )
-        t = cfg.teacher
-        self.client = SyncTeacherClient(
-            t.urls,
-            api_key=t.api_key or os.environ.get("TEACHER_API_KEY"),
-            timeout_s=t.timeout_s,
-            max_wait_s=t.max_retry_wait_s,
-            max_sequences_per_request=t.max_sequences_per_request,
-        )
-        try:
-            self.infos = self.client.model_info()
-            check_compatibility(
-                self.infos,
-                tokenizer_fingerprint(self.tokenizer),
-                needs_candidate_ids=cfg.loss.type == "student_topk",
-                top_k=cfg.loss.top_k,
-                allow_mismatch=t.allow_tokenizer_mismatch,
-            )
-        except BaseException:
-            self.client.close()
-            raise
-        caps = [i.capabilities for i in self.infos.values()]
-        self.candidate_ids = all(c.candidate_ids for c in caps)
-        self.entropy = all(c.entropy for c in caps)
+        self.engine = build_rollout_engine(cfg, model, self.tokenizer)
+        self.client, self.infos, _ = connect_teacher(cfg, tokenizer_fingerprint(self.tokenizer))
+        caps = capabilities(self.infos)
+        self.candidate_ids, self.entropy = caps["candidate_ids"], caps["entropy"]
         self.teacher_has_chat = all(i.chat_template for i in self.infos.values())
         self.student_has_chat = bool(getattr(self.tokenizer, "chat_template", None))
 

@@ -14,7 +14,6 @@ position; ``resume`` continues exactly (rollouts are seeded per (seed, step, pro
 
 from __future__ import annotations
 
-import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -96,29 +95,12 @@ class OPDTrainer:
                 )
             self.caps = {"candidate_ids": True, "entropy": True}
             return
-        from student_trainer.teacher_client import SyncTeacherClient, check_compatibility
+        from student_trainer.components import capabilities, connect_teacher
 
-        self.client = SyncTeacherClient(
-            cfg.urls,
-            api_key=cfg.api_key or os.environ.get("TEACHER_API_KEY"),
-            timeout_s=cfg.timeout_s,
-            max_wait_s=cfg.max_retry_wait_s,
-            max_sequences_per_request=cfg.max_sequences_per_request,
-        )
-        infos = self.client.model_info()
-        for w in check_compatibility(
-            infos,
-            self.fingerprint,
-            needs_candidate_ids=lo.type == "student_topk",
-            top_k=lo.top_k,
-            allow_mismatch=cfg.allow_tokenizer_mismatch,
-        ):
+        self.client, infos, warnings = connect_teacher(self.cfg, self.fingerprint)
+        for w in warnings:
             self.acc.print(f"warning: {w}")
-        caps = [i.capabilities for i in infos.values()]
-        self.caps = {
-            "candidate_ids": all(c.candidate_ids for c in caps),
-            "entropy": all(c.entropy for c in caps),
-        }
+        self.caps = capabilities(infos)
         names = ", ".join(f"{u} ({i.model}, {i.backend})" for u, i in infos.items())
         self.acc.print(f"teacher: {names}; tokenizer {self.fingerprint} matches; capabilities {self.caps}")
 
@@ -141,23 +123,16 @@ class OPDTrainer:
             )
 
     def _setup_rollouts(self) -> None:
+        from student_trainer.components import build_rollout_engine
         from student_trainer.config import ConfigError
-        from student_trainer.rollout import HFRolloutEngine
 
         if self.cfg.rollout.static_cache and self.acc.mixed_precision != "no":
             raise ConfigError(
                 "rollout.static_cache=true with fp32 master weights and bf16 autocast: the static KV cache takes "
                 "the weights' dtype and refuses bf16 keys; set model.dtype=bfloat16 or rollout.static_cache=false"
             )
-
-        model = self.acc.unwrap_model(self.policy).causal_lm
-        rows = model.get_output_embeddings().weight.shape[0]
-        self.engine = HFRolloutEngine(
-            model,
-            self.tokenizer,
-            cache_implementation="static" if self.cfg.rollout.static_cache else None,
-            prompt_pad_multiple=64 if self.cfg.rollout.static_cache else 1,  # fewer shapes to compile
-            vocab_limit=len(self.tokenizer) if rows > len(self.tokenizer) else None,
+        self.engine = build_rollout_engine(
+            self.cfg, self.acc.unwrap_model(self.policy).causal_lm, self.tokenizer
         )
 
     def _maybe_resume(self) -> int:
