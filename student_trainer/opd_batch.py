@@ -13,7 +13,7 @@ import torch
 
 from shared.protocol import ScoredSequence
 from student_trainer import losses
-from student_trainer.chunked import full_vocab_reverse_kl, gather_logprobs, head_logits
+from student_trainer.chunked import full_vocab_reverse_kl, gather_logprobs
 from student_trainer.opd_metrics import MetricTotals, opd_metric_totals
 from student_trainer.policy import PackedBatch, pack
 from student_trainer.rollout import RolloutSample
@@ -138,8 +138,3 @@ def microbatch_loss(
         teacher_entropy_N=batch.teacher_entropy_N,
     )
     return loss, totals
-
-
-def local_teacher_logits(teacher_hidden_N_H: torch.Tensor, teacher_head: torch.nn.Linear):
-    """The ``teacher_logits`` callable of :func:`microbatch_loss` for an in-process teacher."""
-    return head_logits(teacher_hidden_N_H, teacher_head)

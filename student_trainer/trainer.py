@@ -23,9 +23,10 @@ import torch
 
 from shared.fingerprint import tokenizer_fingerprint
 from student_trainer import checkpoint
+from student_trainer.chunked import head_logits
 from student_trainer.config import Config
 from student_trainer.local_teacher import LocalTeacher
-from student_trainer.opd_batch import build_batch, local_teacher_logits, microbatch_loss
+from student_trainer.opd_batch import build_batch, microbatch_loss
 from student_trainer.optim import build_optimizer, build_scheduler
 from student_trainer.policy import HiddenStatesLM, load_causal_lm
 from student_trainer.tracking import JsonlLog, available_trackers, plot_metrics, summary_line
@@ -286,7 +287,7 @@ class OPDTrainer:
             t_hidden = self.local.completion_hidden(t_prompts, completions)
             cands = [s.topk_ids.numpy() for s in samples]
             scores = self.local.score(t_hidden, completions, self.cfg.loss.top_k, cands)
-            teacher_logits = local_teacher_logits(t_hidden, self.local.head)
+            teacher_logits = head_logits(t_hidden, self.local.head)
         batch = build_batch(samples, scores, self.pad_id, self.acc.device)
         lo = self.cfg.loss
         ctx = nullcontext() if last else self.acc.no_sync(self.policy)

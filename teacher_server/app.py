@@ -311,7 +311,6 @@ def _result_doc(job: ScoreJob, res: ScoreResult, tokens: list[str] | None) -> di
         doc["entropy"] = res.entropy
     if tokens is not None:
         doc["tokens"] = tokens
-    doc.update(res.extra)
     return doc
 
 

@@ -72,7 +72,7 @@ def from_validation_error(exc: ValidationError) -> APIError:
     """The first pydantic error as an APIError (422), with a summary of the others in the message."""
     errors = exc.errors(include_url=False)
     first = errors[0]
-    loc = tuple(p for p in first["loc"] if p not in ("function-after[_one_form(), ScoreSequence]",))
+    loc = tuple(first["loc"])
     where = field_path(loc)
     msg = first["msg"]
     if first["type"] == "extra_forbidden":

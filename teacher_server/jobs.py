@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -32,7 +32,6 @@ class ScoreResult:
     topk_logprobs: np.ndarray  # (T, k) float32
     candidate_logprobs: np.ndarray | None = None  # (T, K) float32
     entropy: np.ndarray | None = None  # (T,) float32
-    extra: dict = field(default_factory=dict)  # backend-specific (e.g. candidate coverage)
 
 
 @dataclass
