@@ -4,7 +4,7 @@
     python bench/bench_dedup.py --queries 10000       # quicker
 
 Embeddings are precomputed (random, L2-normalised, float32), so this times only the nearest-neighbour search
-that ``student_trainer.dedup`` runs after embedding. Both searches are exact; the script checks that they
+that ``student_trainer.recipe.dedup`` runs after embedding. Both searches are exact; the script checks that they
 agree (scores within 1e-4, same neighbour except float ties) and prints the times and their ratio.
 """
 
@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from student_trainer.dedup import l2_normalize, nearest_faiss, nearest_numpy
+from student_trainer.recipe.dedup import l2_normalize, nearest_faiss, nearest_numpy
 
 
 def _timed(fn, *args):

@@ -1,5 +1,5 @@
 """Peak memory of each OPD loss (forward + backward from the final hidden states) at a Qwen-size vocabulary:
-the chunked implementations of student_trainer.chunked vs a naive full-vocab fp32 log_softmax, side by side.
+the chunked implementations of student_trainer.opd.chunked vs a naive full-vocab fp32 log_softmax, side by side.
 
     python bench/bench_loss_memory.py                      # CPU: N=2048 tokens, H=256, V=151,936 (~1.5 min)
     python bench/bench_loss_memory.py --device cuda        # GPU: bf16 hidden states and head
@@ -31,8 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from student_trainer.chunked import full_vocab_reverse_kl, gather_logprobs, head_logits  # noqa: E402
-from student_trainer.losses import (  # noqa: E402
+from student_trainer.opd.chunked import full_vocab_reverse_kl, gather_logprobs, head_logits  # noqa: E402
+from student_trainer.opd.losses import (  # noqa: E402
     full_vocab_loss,
     sampled_token_loss,
     student_topk_loss,

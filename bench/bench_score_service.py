@@ -26,11 +26,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from devkit.teacher_process import TeacherProcess  # noqa: E402
+from devkit.tiny_models import TinySpec, save_shape_config, save_tiny  # noqa: E402
 from shared import codec  # noqa: E402
-from student_trainer.teacher_process import TeacherProcess  # noqa: E402
-from student_trainer.tiny_models import TinySpec, save_shape_config, save_tiny  # noqa: E402
+from teacher_server.backends.batcher import plan_batches  # noqa: E402
 from teacher_server.backends.hf import HFBackend  # noqa: E402
-from teacher_server.batcher import plan_batches  # noqa: E402
 from teacher_server.config import ServerConfig  # noqa: E402
 from teacher_server.jobs import ScoreJob  # noqa: E402
 

@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from devkit.teacher_process import TeacherProcess  # noqa: E402
+from devkit.tiny_models import TEACHER_SPEC, TinySpec, build_tokenizer, save_shape_config, save_tiny  # noqa: E402
 from student_trainer.config import load_config  # noqa: E402
-from student_trainer.teacher_process import TeacherProcess  # noqa: E402
-from student_trainer.tiny_models import TEACHER_SPEC, TinySpec, build_tokenizer, save_shape_config, save_tiny  # noqa: E402
 
 PRESETS = {
     "cpu": dict(
@@ -82,7 +82,7 @@ def write_prompts(path: Path, n: int) -> Path:
 
 
 def opd_run(args, student: Path, url: str, data: Path, out: Path, overlap: bool) -> dict:
-    from student_trainer.trainer import OPDTrainer
+    from student_trainer.opd.trainer import OPDTrainer
 
     ov = [
         f"model.student={student}",
@@ -135,10 +135,10 @@ def train_step_bench(student: Path, batch: int, length: int, k: int = 16) -> dic
     """fwd + bwd + AdamW on (batch x length) tokens: chunked student-top-k loss vs naive full-vocab fp32."""
     from transformers import AutoModelForCausalLM
 
-    from student_trainer.chunked import gather_logprobs
-    from student_trainer.losses import student_topk_loss
-    from student_trainer.optim import build_optimizer
-    from student_trainer.policy import HiddenStatesLM
+    from student_trainer.opd.chunked import gather_logprobs
+    from student_trainer.opd.losses import student_topk_loss
+    from student_trainer.opd.optim import build_optimizer
+    from student_trainer.opd.policy import HiddenStatesLM
 
     out = {}
     for variant in ("naive", "chunked", "chunked+checkpointing"):

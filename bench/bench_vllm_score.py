@@ -31,10 +31,10 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from devkit.teacher_process import TeacherProcess, free_port  # noqa: E402
+from devkit.tiny_models import TinySpec, save_tiny  # noqa: E402
 from shared import codec  # noqa: E402
-from shared.protocol import ScoredSequence  # noqa: E402
-from student_trainer.teacher_process import TeacherProcess, free_port  # noqa: E402
-from student_trainer.tiny_models import TinySpec, save_tiny  # noqa: E402
+from shared.wire import ScoredSequence  # noqa: E402
 from teacher_server.backends.vllm_convert import completion_rows  # noqa: E402
 
 # 13.1M parameters: the trunk's compute dominates a scored position on CPU, as it does for real teachers.

@@ -20,8 +20,8 @@ from types import SimpleNamespace
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-from student_trainer.rollout import HFRolloutEngine, left_pad
-from student_trainer.tiny_models import build_tiny_pair
+from devkit.tiny_models import build_tiny_pair
+from student_trainer.rollout.hf import HFRolloutEngine, left_pad
 
 
 def check_tiny(device: torch.device) -> None:

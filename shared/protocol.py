@@ -7,19 +7,17 @@ teacher's log-prob of ``candidate_ids[t][j]`` there (normalised over the FULL vo
 is the entropy of the teacher's whole next-token distribution there (nats).
 
 Requests are validated with pydantic (unknown fields are errors, so a typo such as ``topk`` is caught).
-Responses are plain documents whose arrays the codec packs; :class:`ScoredSequence` is the typed view a
-client gets back.
+Responses are plain documents whose arrays the codec packs; the ``*Doc`` models here describe them for
+OpenAPI, and :mod:`shared.wire` builds and reads them (request bodies, ``ScoredSequence``,
+``GeneratedSample``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-from shared.codec import as_array
 
 DEFAULT_TOP_K = 16
 
@@ -131,41 +129,6 @@ class ScoreResponseDoc(BaseModel):
     model: str
     results: list[SequenceScoresDoc]
     usage: Usage
-
-
-@dataclass
-class ScoredSequence:
-    """Client-side typed view of one result. Shapes: T = completion length, k = top_k, K = candidates."""
-
-    completion_ids: np.ndarray  # (T,) int32
-    logprobs: np.ndarray  # (T,) float32
-    topk_ids: np.ndarray  # (T, k) int32
-    topk_logprobs: np.ndarray  # (T, k) float32
-    prompt_tokens: int = 0
-    candidate_logprobs: np.ndarray | None = None  # (T, K) float32
-    entropy: np.ndarray | None = None  # (T,) float32
-    tokens: list[str] | None = None
-
-    @classmethod
-    def from_wire(cls, doc: dict[str, Any]) -> ScoredSequence:
-        ids = as_array(doc["completion_ids"], "int32")
-        t = ids.shape[0]
-
-        def mat(key: str, dtype: str) -> np.ndarray | None:
-            if doc.get(key) is None:
-                return None
-            return as_array(doc[key], dtype).reshape(t, -1)
-
-        return cls(
-            completion_ids=ids,
-            logprobs=as_array(doc["logprobs"], "float32"),
-            topk_ids=mat("topk_ids", "int32"),
-            topk_logprobs=mat("topk_logprobs", "float32"),
-            prompt_tokens=int(doc.get("prompt_tokens", 0)),
-            candidate_logprobs=mat("candidate_logprobs", "float32"),
-            entropy=None if doc.get("entropy") is None else as_array(doc["entropy"], "float32"),
-            tokens=doc.get("tokens"),
-        )
 
 
 # ---------------------------------------------------------------------------------------------- generate

@@ -61,7 +61,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"student-trainer: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}")
         sys.exit(2)
     args = _command_parser(name).parse_intermixed_args(argv[1:])
-    sys.exit(args._run(args) or 0)
+    from student_trainer.errors import TrainerError
+    from student_trainer.teacher.errors import TeacherError
+
+    try:
+        code = args._run(args) or 0
+    except TeacherError as exc:  # what a command did not catch itself: one line, not a traceback
+        print(f"student-trainer {name}: teacher error: {exc}")
+        code = 3
+    except TrainerError as exc:
+        print(f"student-trainer {name}: {exc}")
+        code = 2
+    sys.exit(code)
 
 
 if __name__ == "__main__":

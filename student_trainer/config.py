@@ -15,11 +15,10 @@ from typing import Any
 
 import yaml
 
-LOSSES = ("student_topk", "sampled_token", "teacher_topk", "full_vocab")
-
-
-class ConfigError(ValueError):
-    """A setting that cannot work; the message names the value and the fix."""
+from student_trainer.errors import ConfigError
+from student_trainer.evaluate.run import EvalConfig as EvalSettings
+from student_trainer.opd.loss_table import loss_spec
+from student_trainer.rollout import ENGINES
 
 
 @dataclass
@@ -56,6 +55,7 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
+    engine: str = "hf"  # a name in student_trainer.rollout.ENGINES
     n: int = 1  # responses per prompt
     temperature: float = 1.0
     top_p: float = 1.0
@@ -65,7 +65,7 @@ class RolloutConfig:
 
 @dataclass
 class LossConfig:
-    type: str = "student_topk"
+    type: str = "student_topk"  # a name in student_trainer.opd.loss_table.LOSSES
     top_k: int = 16
     topk_form: str = "paper"  # paper (code semantics) | direct (renormalised, differentiable form)
     chunk_rows: int = 1024  # rows of [tokens, vocab] logits materialised at once
@@ -95,17 +95,27 @@ class TrainConfig:
     overlap_scoring: bool = True  # score micro-batch i while generating i+1 (False: wait right away)
 
 
-@dataclass
-class EvalConfig:
+@dataclass(frozen=True)
+class EvalConfig(EvalSettings):
+    """Held-out eval during training: what and how often, plus the sampling settings of ``student-trainer
+    eval`` (inherited: one definition, ``evaluate.EvalConfig``), greedy by default here."""
+
+    greedy: bool = True
     data: str | None = None  # held-out problems (JSONL) with reference answers
     every: int = 0  # 0 = never during training
     question_field: str = "question"
     answer_field: str = "answer"
-    n: int = 1
-    greedy: bool = True
-    extractor: str = "math"
-    max_new_tokens: int = 512
     limit: int | None = None
+
+    def settings(self, data: DataConfig) -> EvalSettings:
+        """The ``evaluate`` settings. The prompt is the student's own (``data.student_template`` and
+        ``data.system_prompt``) unless ``eval.template`` is set."""
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(EvalSettings)}
+        if self.template is None and data.student_template != "chat":
+            own.update(template=data.student_template, system_prompt=None)
+        elif self.template is None and self.system_prompt is None:
+            own["system_prompt"] = data.system_prompt
+        return EvalSettings(**own)
 
 
 @dataclass
@@ -142,22 +152,23 @@ class Config:
             self.optim,
             self.train,
         )
-        _check(lo.type in LOSSES, f"loss.type={lo.type!r} is unknown; choose one of {', '.join(LOSSES)}")
+        spec = loss_spec(lo.type)
         _check(lo.topk_form in ("paper", "direct"), f"loss.topk_form={lo.topk_form!r}: use paper or direct")
-        _check(
-            lo.top_k >= 1 or lo.type == "sampled_token", f"loss.top_k={lo.top_k} must be >= 1 for {lo.type}"
-        )
+        _check(lo.top_k >= spec.min_top_k, f"loss.top_k={lo.top_k} must be >= {spec.min_top_k} for {lo.type}")
         _check(lo.chunk_rows >= 1, f"loss.chunk_rows={lo.chunk_rows} must be >= 1")
         _check(
             m.dtype in ("auto", "float32", "bfloat16", "float16"),
             f"model.dtype={m.dtype!r}: use auto, float32 or bfloat16",
         )
-        if lo.type == "full_vocab":
+        if spec.local_teacher:
             _check(
                 bool(t.local),
-                "loss.type=full_vocab needs the teacher's whole distribution: set teacher.local "
+                f"loss.type={lo.type} needs the teacher's whole distribution: set teacher.local "
                 "to a local teacher model directory (an HTTP teacher sends only top-k)",
             )
+        _check(
+            r.engine in ENGINES, f"rollout.engine={r.engine!r} is unknown; choose one of {', '.join(ENGINES)}"
+        )
         _check(r.temperature > 0, f"rollout.temperature={r.temperature} must be > 0 (on-policy sampling)")
         _check(0 < r.top_p <= 1, f"rollout.top_p={r.top_p} must be in (0, 1]")
         _check(

@@ -15,6 +15,7 @@ import json
 import logging
 import sys
 
+from teacher_server.backends import BACKENDS, backends_help
 from teacher_server.config import API_KEY_ENV, ConfigError, ServerConfig
 
 log = logging.getLogger("teacher_server")
@@ -39,9 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", required=True, help="local directory or Hugging Face hub id of a causal LM")
     g.add_argument(
         "--backend",
-        choices=["hf", "vllm"],
+        choices=list(BACKENDS),
         default=d.backend,
-        help="hf = transformers (default, CPU or GPU); vllm = vLLM engine (production GPU)",
+        help=backends_help(),
     )
     g.add_argument("--served-model-name", default=None, help="name reported to clients (default: --model)")
     g.add_argument(

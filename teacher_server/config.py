@@ -6,6 +6,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from teacher_server.backends import BACKENDS, backends_help
+
 API_KEY_ENV = "TEACHER_API_KEY"
 
 
@@ -46,8 +48,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.api_key is None:
             self.api_key = os.environ.get(API_KEY_ENV) or None
-        if self.backend not in ("hf", "vllm"):
-            raise ConfigError(f"--backend {self.backend!r} is unknown; use 'hf' (transformers) or 'vllm'")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"--backend {self.backend!r} is unknown; use one of: {backends_help()}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"--dtype {self.dtype!r} is unknown; use auto, float32, bfloat16 or float16")
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):

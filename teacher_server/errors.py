@@ -1,4 +1,9 @@
-"""Client errors as part of the interface: every one names the field, the value and the limit."""
+"""Client errors as part of the interface: every one names the field, the value and the limit.
+
+Two types: :class:`APIError` is the HTTP answer (status, body, headers) raised by the request layer;
+:class:`UnsupportedRequest` is what a backend raises when it cannot serve a valid request (backends know
+nothing of HTTP). :func:`as_api_error` is the one place that turns the second into the first.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +36,26 @@ class APIError(Exception):
         err = {"type": self.type, "message": self.message, "field": self.field}
         err.update(value=self.value, limit=self.limit)
         return {"error": err}
+
+
+class UnsupportedRequest(ValueError):
+    """A backend cannot serve this (well-formed) request: a capability it lacks, or its engine's own
+    validation refused it. Answered as 422 ``invalid_request`` with the same fields."""
+
+    def __init__(
+        self, message: str, *, field: str | None = None, value: Any = None, limit: Any = None
+    ) -> None:
+        super().__init__(message)
+        self.message, self.field, self.value, self.limit = message, field, value, limit
+
+
+def as_api_error(exc: BaseException) -> APIError | None:
+    """The HTTP error for ``exc``: itself when it is one, a 422 for a backend's refusal, None otherwise."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, UnsupportedRequest):
+        return APIError(422, exc.message, field=exc.field, value=exc.value, limit=exc.limit)
+    return None
 
 
 def _short(value: Any) -> Any:

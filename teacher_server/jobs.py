@@ -1,4 +1,6 @@
-"""Backend-neutral units of work: one scoring job per sequence, one generation job per prompt."""
+"""Backend-neutral units of work (server-internal): one scoring job per sequence, one set of sampling
+parameters per generate request. What backends return is the shared contract: :class:`shared.wire.ScoredSequence`
+and :class:`shared.wire.GeneratedSample`."""
 
 from __future__ import annotations
 
@@ -24,17 +26,6 @@ class ScoreJob:
 
 
 @dataclass
-class ScoreResult:
-    """Teacher scores of one sequence (NumPy, wire dtypes). T = completion length."""
-
-    logprobs: np.ndarray  # (T,) float32
-    topk_ids: np.ndarray  # (T, k) int32
-    topk_logprobs: np.ndarray  # (T, k) float32
-    candidate_logprobs: np.ndarray | None = None  # (T, K) float32
-    entropy: np.ndarray | None = None  # (T,) float32
-
-
-@dataclass
 class GenerateParams:
     n: int = 1
     temperature: float = 1.0
@@ -43,11 +34,3 @@ class GenerateParams:
     seed: int | None = None
     stop: list[str] | None = None
     stop_token_ids: list[int] | None = None
-
-
-@dataclass
-class GeneratedSample:
-    completion_ids: list[int]
-    text: str
-    finish_reason: str  # "stop" | "length"
-    cumulative_logprob: float | None

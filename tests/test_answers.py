@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from student_trainer.answers import (
+from student_trainer.evaluate.answers import (
     AnswerChecker,
     extract_after_last,
     extract_boxed,

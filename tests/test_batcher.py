@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from teacher_server.batcher import MicroBatcher, plan_batches
+from teacher_server.backends.batcher import MicroBatcher, plan_batches
 
 
 def test_plan_batches_respects_budget_and_covers_all():

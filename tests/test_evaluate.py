@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from student_trainer.cli import main as cli_main
-from student_trainer.evaluate import (
+from student_trainer.evaluate.run import (
     EvalConfig,
     Problem,
     completion_lengths,

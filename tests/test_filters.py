@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from student_trainer.cli import main as cli_main
-from student_trainer.filters import (
+from student_trainer.recipe.filters import (
     FilterConfig,
     check_record,
     filter_rollouts,

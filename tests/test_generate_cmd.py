@@ -23,15 +23,15 @@ import pytest
 
 from shared import codec
 from shared.fingerprint import tokenizer_fingerprint
-from student_trainer.prompts import load_prompts
-from student_trainer.sft import SFTConfig, load_examples
-from student_trainer.teacher_client import SyncTeacherClient
-from student_trainer.teacher_rollouts import (
+from student_trainer.data.prompts import load_prompts
+from student_trainer.recipe.generate import (
     GenerateError,
     GenerateSettings,
     generate_to_file,
     load_existing,
 )
+from student_trainer.recipe.sft import SFTConfig, load_examples
+from student_trainer.teacher.client import SyncTeacherClient
 
 PLAIN = "Question: {question}\nAnswer:"
 QUESTIONS = [f"What is {a} + {b}?" for a, b in ((3, 4), (12, 7), (25, 30), (8, 8), (1, 99), (40, 2))]

@@ -289,8 +289,8 @@ def test_vllm_backend_serves_a_lab_teacher_with_the_character_tokenizer():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from student_trainer.teacher_client import SyncTeacherClient
-    from student_trainer.teacher_process import TeacherProcess
+    from devkit.teacher_process import TeacherProcess
+    from student_trainer.teacher.client import SyncTeacherClient
 
     teacher = MODELS_DIR / "teacher_a"
     tok = AutoTokenizer.from_pretrained(teacher)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from student_trainer.losses import (
+from student_trainer.opd.losses import (
     TEACHER_LOGPROB_FLOOR,
     OffPolicyError,
     assert_on_policy,
@@ -120,7 +120,7 @@ def test_sampled_token_loss_matches_loop_reference():
 @pytest.mark.parametrize("k", [1, 4])
 def test_student_topk_code_matches_loop_reference(k):
     student, teacher, mask = _topk_case(k=k)
-    loss = student_topk_loss(student, teacher, mask, mode="code")
+    loss = student_topk_loss(student, teacher, mask, mode="paper")
     loss.backward()
     ref_loss, ref_grad = ref_student_topk_code(student.tolist(), teacher.tolist(), _loop_mask(mask))
     assert loss.item() == pytest.approx(ref_loss, abs=1e-12)
@@ -197,7 +197,7 @@ def test_student_topk_hand_example():
     torch.testing.assert_close(
         adv, torch.tensor([[-0.4620981204, 0.2310490602], [0.0, -0.1737707606]], dtype=torch.float64)
     )
-    loss = student_topk_loss(student, teacher, mode="code")
+    loss = student_topk_loss(student, teacher, mode="paper")
     assert loss.item() == pytest.approx(-0.10460763498542257, abs=1e-12)
     loss.backward()
     expected_dz = [
@@ -219,7 +219,7 @@ def test_k1_code_equals_sampled_token_and_direct_is_identically_zero():
     s1 = lp_s.gather(1, y).clone().requires_grad_(True)
     s2 = s1.detach().squeeze(1).clone().requires_grad_(True)
     t1 = lp_t.gather(1, y)
-    code = student_topk_loss(s1, t1, mode="code")
+    code = student_topk_loss(s1, t1, mode="paper")
     sampled = sampled_token_loss(s2, t1.squeeze(1))
     code.backward()
     sampled.backward()
@@ -237,7 +237,7 @@ def test_k1_code_equals_sampled_token_and_direct_is_identically_zero():
 def _all_losses(student_k, teacher_k, student_1, teacher_1, mask):
     return {
         "sampled": (sampled_token_loss(student_1, teacher_1, mask), student_1),
-        "topk_code": (student_topk_loss(student_k, teacher_k, mask, mode="code"), student_k),
+        "topk_code": (student_topk_loss(student_k, teacher_k, mask, mode="paper"), student_k),
         "topk_direct": (student_topk_loss(student_k, teacher_k, mask, mode="direct"), student_k),
         "tail_reverse": (teacher_topk_tail_loss(student_k, teacher_k, mask), student_k),
         "tail_forward": (teacher_topk_tail_loss(student_k, teacher_k, mask, direction="forward"), student_k),
@@ -320,7 +320,7 @@ def test_token_mean_clamps_and_validates():
 
 def test_bad_arguments_name_the_field():
     student, teacher, _ = _topk_case()
-    with pytest.raises(ValueError, match="mode must be 'code' or 'direct', got 'renorm'"):
+    with pytest.raises(ValueError, match="mode must be 'paper' or 'direct', got 'renorm'"):
         student_topk_loss(student, teacher, mode="renorm")
     with pytest.raises(ValueError, match="direction must be 'reverse' or 'forward'"):
         teacher_topk_tail_loss(student, teacher, direction="sideways")

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from student_trainer.losses import TEACHER_LOGPROB_FLOOR
-from student_trainer.opd_metrics import MetricTotals, opd_metric_totals, opd_metrics
+from student_trainer.opd.losses import TEACHER_LOGPROB_FLOOR
+from student_trainer.opd.metrics import MetricTotals, opd_metric_totals, opd_metrics
 
 N, V, K = 12, 30, 5
 

@@ -24,8 +24,10 @@ import numpy as np
 import pytest
 import torch
 
+from devkit.teacher_process import TeacherProcess
 from student_trainer.config import load_config
-from student_trainer.preflight import (
+from student_trainer.data.prompts import load_prompts
+from student_trainer.recipe.preflight import (
     COMPATIBLE,
     NEEDS_COLD_START,
     NOTHING_NEW,
@@ -36,9 +38,7 @@ from student_trainer.preflight import (
     run_preflight,
     slope_per_step,
 )
-from student_trainer.probe import make_candidates, sample_table
-from student_trainer.prompts import load_prompts
-from student_trainer.teacher_process import TeacherProcess
+from student_trainer.recipe.probe import make_candidates, sample_table
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models: one thread is several times faster on a busy machine
 
@@ -148,8 +148,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory, one_thread):
     """teacher_a (60 SFT steps on format A), student_a_less (its first 15 steps), student_b (40 on B)."""
-    from student_trainer.sft import SFTConfig, run_sft
-    from student_trainer.tiny_models import build_tiny_pair
+    from devkit.tiny_models import build_tiny_pair
+    from student_trainer.recipe.sft import SFTConfig, run_sft
 
     root = tmp_path_factory.mktemp("preflight_pairs")
     _, init = build_tiny_pair(root / "tiny", seed=0)

@@ -23,7 +23,8 @@ import torch
 import yaml
 
 from student_trainer.config import load_config
-from student_trainer.probe import (
+from student_trainer.data.prompts import PromptTable, load_prompts
+from student_trainer.recipe.probe import (
     Candidate,
     ProbeError,
     ProbeReport,
@@ -36,7 +37,6 @@ from student_trainer.probe import (
     sample_table,
     write_fragment,
 )
-from student_trainer.prompts import PromptTable, load_prompts
 
 PLAIN = "Question: {question}\nAnswer:"
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -178,7 +178,7 @@ def _log_softmax_at_completion(model, prompt_ids, completion_ids):
 
 def brute_force(kept, student, teacher, teacher_tok, k: int) -> dict[str, float]:
     """The probe's metrics from scratch: per token, both top-k sets by sort, then plain means."""
-    from student_trainer.losses import TEACHER_LOGPROB_FLOOR
+    from student_trainer.opd.losses import TEACHER_LOGPROB_FLOOR
 
     rows = {n: [] for n in ("overlap", "mass_s", "mass_t", "kl_topk", "k1", "h_gap")}
     for prompt, sample in kept:
@@ -270,8 +270,8 @@ def test_probe_numbers_equal_a_brute_force_recomputation(tiny_pair, hf_teacher, 
 @pytest.fixture(scope="module")
 def aligned_pair(tmp_path_factory):
     """teacher: SFT'd on chat-rendered prompts; student: SFT'd on a plain prompt; both on format A."""
-    from student_trainer.sft import SFTConfig, run_sft
-    from student_trainer.tiny_models import build_tiny_pair
+    from devkit.tiny_models import build_tiny_pair
+    from student_trainer.recipe.sft import SFTConfig, run_sft
 
     root = tmp_path_factory.mktemp("aligned")
     _, init = build_tiny_pair(root / "tiny", seed=0)
@@ -314,7 +314,7 @@ def aligned_pair(tmp_path_factory):
 
 
 def test_probe_command_picks_the_teacher_aligned_prompt(aligned_pair, tmp_path):
-    from student_trainer.teacher_process import TeacherProcess
+    from devkit.teacher_process import TeacherProcess
 
     teacher, student, prompts = aligned_pair
     env = {**os.environ, **ONE_THREAD}

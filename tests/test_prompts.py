@@ -7,8 +7,9 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
+from devkit.tiny_models import build_tiny_pair
 from shared.protocol import ChatMessage, ScoreSequence
-from student_trainer.prompts import (
+from student_trainer.data.prompts import (
     DataPosition,
     Prompt,
     PromptDataError,
@@ -18,7 +19,6 @@ from student_trainer.prompts import (
     PromptTemplates,
     load_prompts,
 )
-from student_trainer.tiny_models import build_tiny_pair
 from teacher_server.prepare import render_chat
 
 ROWS = [

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import yaml
 
-from student_trainer.preflight import VERDICTS
+from student_trainer.recipe.preflight import VERDICTS
 
 SCRIPT = Path(__file__).resolve().parents[1] / "docs" / "recipe_e2e.sh"
 SIZES = {

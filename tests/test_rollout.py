@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from student_trainer.rollout import HFRolloutEngine, RolloutSample, left_pad
-from student_trainer.tiny_models import build_tiny_pair
+from devkit.tiny_models import build_tiny_pair
+from student_trainer.rollout.hf import HFRolloutEngine, RolloutSample, left_pad
 
 TOL = dict(atol=1e-4, rtol=0.0)
 

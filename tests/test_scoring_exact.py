@@ -13,9 +13,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from teacher_server.backends.hf import HFBackend
+from teacher_server.backends.hf_scoring import chunked_head_scores
 from teacher_server.config import ServerConfig
 from teacher_server.jobs import ScoreJob
-from teacher_server.scoring import chunked_head_scores
 
 ATOL = 1e-5
 

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shared import codec
 from shared.fingerprint import tokenizer_fingerprint
-from shared.protocol import ScoredSequence
+from shared.wire import ScoredSequence
 
 MSGPACK_HEADERS = {"Content-Type": codec.MSGPACK, "Accept": codec.MSGPACK}
 

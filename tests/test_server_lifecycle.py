@@ -12,8 +12,8 @@ import httpx
 import pytest
 import uvicorn
 
+from devkit.teacher_process import TeacherProcess, free_port
 from shared import codec
-from student_trainer.teacher_process import TeacherProcess, free_port
 from teacher_server.app import create_app
 from teacher_server.backends.hf import HFBackend
 from teacher_server.config import ServerConfig

@@ -214,7 +214,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def strict_teacher(tiny_pair):
     """A server with small limits so each limit can be hit cheaply."""
-    from student_trainer.teacher_process import TeacherProcess
+    from devkit.teacher_process import TeacherProcess
 
     args = [
         "--max-top-k",
@@ -246,7 +246,7 @@ def test_chat_form_without_template(tiny_pair, tmp_path):
     """A teacher whose tokenizer has no chat template: messages -> 422 naming the field."""
     import shutil
 
-    from student_trainer.teacher_process import TeacherProcess
+    from devkit.teacher_process import TeacherProcess
 
     model = tmp_path / "no_template"
     shutil.copytree(tiny_pair[0], model)

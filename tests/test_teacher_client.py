@@ -21,23 +21,19 @@ import numpy as np
 import pytest
 import torch
 
+from devkit.teacher_process import TeacherProcess, free_port
+from devkit.tiny_models import TEACHER_SPEC, build_tokenizer, save_tiny
 from shared.fingerprint import tokenizer_fingerprint
-from student_trainer.teacher_client import (
-    RetryPolicy,
-    SequenceInput,
-    SyncTeacherClient,
-    TeacherClient,
+from student_trainer.teacher.client import SequenceInput, SyncTeacherClient, TeacherClient
+from student_trainer.teacher.compat import check_compatibility
+from student_trainer.teacher.errors import (
     TeacherIncompatible,
     TeacherInputError,
     TeacherRequestError,
     TeacherServerError,
     TeacherUnavailable,
-    check_compatibility,
-    split_contiguous,
 )
-from student_trainer.teacher_pool import backoff_delay, parse_retry_after
-from student_trainer.teacher_process import TeacherProcess, free_port
-from student_trainer.tiny_models import TEACHER_SPEC, build_tokenizer, save_tiny
+from student_trainer.teacher.pool import RetryPolicy, backoff_delay, parse_retry_after, split_contiguous
 
 API_KEY = "test-secret"
 FAST = RetryPolicy(max_wait_s=60.0, base_delay_s=0.02, max_delay_s=0.2)
@@ -162,7 +158,7 @@ def test_bad_client_arguments_are_refused_before_sending():
     async def main():
         async with TeacherClient("http://127.0.0.1:9") as client:
             seq = SequenceInput(prompt_ids=[1, 2], completion_ids=[3, 4, 5])
-            with pytest.raises(TeacherInputError, match=r"candidate_ids\[0\].*\(3, K\)"):
+            with pytest.raises(TeacherInputError, match=r"sequences\[0\]\.candidate_ids.*\(3, K\)"):
                 await client.score([seq], candidate_ids=[np.zeros((2, 4), np.int32)])
             with pytest.raises(TeacherInputError, match=r"sequences\[1\].*exactly one"):
                 await client.score([seq, {"completion_ids": [1]}])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from devkit.tiny_models import STUDENT_SPEC, build_tiny_pair, build_tokenizer, save_tiny
 from shared.fingerprint import tokenizer_fingerprint
-from student_trainer.tiny_models import STUDENT_SPEC, build_tiny_pair, build_tokenizer, save_tiny
 
 
 def test_pair_shares_tokenizer_and_loads(tiny_pair):

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from devkit.teacher_process import TeacherProcess
 from student_trainer.config import load_config
-from student_trainer.teacher_process import TeacherProcess
+from student_trainer.opd.trainer import OPDTrainer
 from student_trainer.tracking import read_jsonl
-from student_trainer.trainer import OPDTrainer
 
 
 @pytest.fixture(scope="module")

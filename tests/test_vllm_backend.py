@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from shared import codec
-from shared.protocol import ScoredSequence
+from shared.wire import ScoredSequence
 
 pytestmark = pytest.mark.vllm
 
@@ -73,7 +73,7 @@ def ref_model(tied_teacher):
 
 @pytest.fixture(scope="module")
 def vllm_server(tied_teacher):
-    from student_trainer.teacher_process import TeacherProcess
+    from devkit.teacher_process import TeacherProcess
 
     with TeacherProcess(tied_teacher, *VLLM_ARGS, ready_timeout=300) as proc:
         yield proc
@@ -81,7 +81,7 @@ def vllm_server(tied_teacher):
 
 @pytest.fixture(scope="module")
 def hf_server(tied_teacher):
-    from student_trainer.teacher_process import TeacherProcess
+    from devkit.teacher_process import TeacherProcess
 
     args = ("--dtype", "float32", "--device", "cpu", "--max-model-len", str(MAX_LEN))
     with TeacherProcess(tied_teacher, *args, "--max-top-k", str(MAX_TOP_K)) as proc:

@@ -54,7 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from student_trainer.dedup import DedupConfig, MissingDependencyError, dedup, read_records, write_jsonl
+    from student_trainer.data.records import read_records, write_jsonl
+    from student_trainer.errors import MissingDependencyError
+    from student_trainer.recipe.dedup import DedupConfig, dedup
 
     config = DedupConfig(
         threshold=args.threshold,

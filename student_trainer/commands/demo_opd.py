@@ -67,10 +67,10 @@ def write_data(work: Path, steps: int, seed: int) -> tuple[Path, Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from devkit.teacher_process import TeacherProcess
     from student_trainer.lab.build import MODELS_DIR
     from student_trainer.lab.opd import LabTrainer, lab_config
     from student_trainer.lab.runner import LabError, check_models
-    from student_trainer.teacher_process import TeacherProcess
     from student_trainer.tracking import plot_metrics
 
     t0 = time.perf_counter()

@@ -44,8 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from student_trainer.dedup import read_records, write_jsonl
-    from student_trainer.filters import FilterConfig, filter_rollouts
+    from student_trainer.data.records import read_records, write_jsonl
+    from student_trainer.recipe.filters import FilterConfig, filter_rollouts
 
     eos = list(args.eos_id)
     if args.tokenizer:

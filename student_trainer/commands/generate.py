@@ -29,7 +29,7 @@ HELP = __doc__
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from student_trainer.teacher_rollouts import PAPER_MAX_TOKENS
+    from student_trainer.recipe.generate import PAPER_MAX_TOKENS
 
     p.add_argument("--teacher-url", action="append", required=True, help="teacher endpoint (repeatable)")
     p.add_argument("--data", required=True, help="prompts: .jsonl, .parquet or a datasets name/directory")
@@ -61,9 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from student_trainer.prompts import PromptDataError, load_prompts
-    from student_trainer.teacher_client import TeacherError
-    from student_trainer.teacher_rollouts import GenerateError, GenerateSettings, generate_to_file
+    from student_trainer.data.prompts import load_prompts
+    from student_trainer.errors import TrainerError
+    from student_trainer.recipe.generate import GenerateError, GenerateSettings, generate_to_file
+    from student_trainer.teacher.errors import TeacherError
 
     try:
         settings = GenerateSettings(
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
             id_field=args.id_field,
             split=args.split,
         )
-    except (GenerateError, PromptDataError) as exc:
+    except TrainerError as exc:
         print(f"student-trainer generate: {exc}")
         return 2
     tokenizer = None
@@ -108,14 +109,14 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             timeout_s=args.timeout,
         )
-    except (GenerateError, PromptDataError) as exc:
-        print(f"student-trainer generate: {exc}")
-        return 2
     except TeacherError as exc:
         print(
             f"student-trainer generate: teacher error: {exc}\n(completed prompts are saved; re-run to resume)"
         )
         return 3
+    except TrainerError as exc:
+        print(f"student-trainer generate: {exc}")
+        return 2
     print(summary)
     print(f"next: student-trainer filter {args.out} --out <kept.jsonl>")
     return 0

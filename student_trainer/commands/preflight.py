@@ -42,7 +42,7 @@ HELP = __doc__
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from student_trainer.preflight import ALIGNMENT_METRICS, Thresholds
+    from student_trainer.recipe.preflight import ALIGNMENT_METRICS, Thresholds
 
     d = Thresholds()
     add_common_arguments(p)
@@ -67,11 +67,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from student_trainer.config import ConfigError
-    from student_trainer.preflight import PreflightError, Thresholds, format_report, run_preflight
-    from student_trainer.probe import ProbeError, write_fragment
-    from student_trainer.prompts import PromptDataError
-    from student_trainer.teacher_client import TeacherError
+    from student_trainer.errors import TrainerError
+    from student_trainer.recipe.preflight import Thresholds, format_report, run_preflight
+    from student_trainer.recipe.probe import write_fragment
+    from student_trainer.teacher.errors import TeacherError
 
     workdir = Path(args.workdir)
     try:
@@ -97,12 +96,12 @@ def run(args: argparse.Namespace) -> int:
             choose_by=args.choose_by,
             keep_model=args.keep_model,
         )
-    except (ConfigError, ProbeError, PromptDataError, PreflightError) as exc:
-        print(f"student-trainer preflight: {exc}")
-        return 2
     except TeacherError as exc:
         print(f"student-trainer preflight: teacher error: {exc}")
         return 3
+    except TrainerError as exc:
+        print(f"student-trainer preflight: {exc}")
+        return 2
     print(format_report(report))
     report_path = Path(args.report) if args.report else workdir / "preflight.json"
     report_path.parent.mkdir(parents=True, exist_ok=True)

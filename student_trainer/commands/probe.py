@@ -96,14 +96,14 @@ def config_from_args(args: argparse.Namespace, extra: list[str] | None = None):
 
 
 def candidates_from_args(args: argparse.Namespace):
-    from student_trainer.probe import make_candidates
+    from student_trainer.recipe.probe import make_candidates
 
     return make_candidates(args.template or ["chat", "{question}"], args.teacher_prompt or ["same", "chat"])
 
 
 def load_sample(cfg, size: int):
-    from student_trainer.probe import sample_table
-    from student_trainer.prompts import load_prompts
+    from student_trainer.data.prompts import load_prompts
+    from student_trainer.recipe.probe import sample_table
 
     d = cfg.data
     table = load_prompts(d.path, question_field=d.question_field, answer_field=d.answer_field)
@@ -133,10 +133,9 @@ def train_command(args: argparse.Namespace, fragment: str | Path, full_config: s
 
 
 def run(args: argparse.Namespace) -> int:
-    from student_trainer.config import ConfigError
-    from student_trainer.probe import ProbeError, format_table, run_probe, with_choice, write_fragment
-    from student_trainer.prompts import PromptDataError
-    from student_trainer.teacher_client import TeacherError
+    from student_trainer.errors import TrainerError
+    from student_trainer.recipe.probe import format_table, run_probe, with_choice, write_fragment
+    from student_trainer.teacher.errors import TeacherError
 
     try:
         cfg = config_from_args(args)
@@ -145,12 +144,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"probe: {len(candidates)} candidate(s) on {len(sample)} prompts from {cfg.data.path}")
         choose_by = args.choose_by or "opd/overlap_ratio"
         report = run_probe(cfg, candidates, sample, tie_tolerance=args.tie_tolerance, choose_by=choose_by)
-    except (ConfigError, ProbeError, PromptDataError) as exc:
-        print(f"student-trainer probe: {exc}")
-        return 2
     except TeacherError as exc:
         print(f"student-trainer probe: teacher error: {exc}")
         return 3
+    except TrainerError as exc:
+        print(f"student-trainer probe: {exc}")
+        return 2
     print(format_table(report.results, report.chosen))
     print(f"chosen: {report.chosen.candidate.name} (* above)")
     path = write_fragment(args.out, report)

@@ -28,7 +28,7 @@ def print_table(tokens: list[str], logprobs, topk_tokens: list[list[str]], topk_
 
 def score_sample(url: str, top_k: int) -> None:
     from shared import codec
-    from shared.protocol import ScoredSequence
+    from shared.wire import ScoredSequence
 
     info = httpx.get(url + "/v1/model").json()
     print(
@@ -74,8 +74,8 @@ def _tokenizer(info: dict):
 
 
 def run(args: argparse.Namespace) -> int:
-    from student_trainer.teacher_process import TeacherProcess
-    from student_trainer.tiny_models import build_tiny_pair
+    from devkit.teacher_process import TeacherProcess
+    from devkit.tiny_models import build_tiny_pair
 
     work = Path(args.workdir)
     teacher, _student = build_tiny_pair(work / "models")

@@ -16,7 +16,7 @@ HELP = __doc__
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from student_trainer.sft import SFTConfig
+    from student_trainer.recipe.sft import SFTConfig
 
     d = SFTConfig(model="", data="")
     p.add_argument("--model", required=True, help="student model directory or hub id")
@@ -54,13 +54,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from student_trainer.sft import SFTConfig, SFTDataError, run_sft
+    from student_trainer.errors import TrainerError
+    from student_trainer.recipe.sft import SFTConfig, run_sft
 
     fields = {f.name for f in dataclasses.fields(SFTConfig)}
     try:
         cfg = SFTConfig(**{k: v for k, v in vars(args).items() if k in fields})
         run_sft(cfg)
-    except (SFTDataError, ValueError) as exc:
+    except TrainerError as exc:
         print(f"student-trainer sft: {exc}")
         return 2
     return 0

@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from student_trainer.tiny_models import build_tiny_pair
+    from devkit.tiny_models import build_tiny_pair
 
     teacher, student = build_tiny_pair(args.out_dir, seed=args.seed)
     print(f"teacher: {teacher}\nstudent: {student}")

@@ -39,7 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from student_trainer.config import ConfigError, load_config
+    from student_trainer.config import load_config
+    from student_trainer.errors import ConfigError
 
     try:
         overrides = list(args.overrides)
@@ -53,16 +54,16 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"student-trainer train: config error: {exc}")
         return 2
-    from student_trainer.prompts import PromptDataError
-    from student_trainer.teacher_client import TeacherError
-    from student_trainer.trainer import OPDTrainer
+    from student_trainer.errors import TrainerError
+    from student_trainer.opd.trainer import OPDTrainer
+    from student_trainer.teacher.errors import TeacherError
 
     try:
         OPDTrainer(cfg, resume=args.resume).train()
-    except (ConfigError, PromptDataError) as exc:
-        print(f"student-trainer train: {exc}")
-        return 2
     except TeacherError as exc:
         print(f"student-trainer train: teacher error: {exc}")
         return 3
+    except TrainerError as exc:
+        print(f"student-trainer train: {exc}")
+        return 2
     return 0

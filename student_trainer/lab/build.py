@@ -96,7 +96,7 @@ def training_problems(recipe: ModelRecipe, seed: int) -> list[world.Problem]:
 
 def init_model(recipe: ModelRecipe, out_dir: Path, seed: int) -> Path:
     """Random-weight Qwen3 of the recipe's shape + the character tokenizer, saved with save_pretrained."""
-    from student_trainer.tiny_models import TinySpec, save_tiny
+    from devkit.tiny_models import TinySpec, save_tiny
 
     spec = TinySpec(
         hidden_size=recipe.hidden,

@@ -4,7 +4,7 @@
     LabTrainer(cfg).train()          # OPDTrainer; its periodic eval reports accuracy per digit count
 
 Everything runs through the project's own code: ``OPDTrainer`` against a ``teacher-server`` over HTTP,
-``student_trainer.evaluate`` for accuracy (extractor ``last:;``), ``teacher_rollouts.generate_to_file``,
+``student_trainer.evaluate`` for accuracy (extractor ``last:;``), ``recipe.generate.generate_to_file``,
 ``filters.filter_rollouts`` and ``sft.run_sft`` for the off-policy cold start. ``LabTrainer`` only changes
 what the periodic eval reports: ``eval/acc_<d>digit`` for every operand length d in the eval set, and
 ``eval/accuracy`` = the accuracy on the longest (the new skill).
@@ -18,7 +18,7 @@ from typing import Any
 
 from student_trainer.config import Config, from_dict
 from student_trainer.lab import world
-from student_trainer.trainer import OPDTrainer
+from student_trainer.opd.trainer import OPDTrainer
 
 EXTRACTOR = "last:;"
 MAX_NEW_TOKENS = 40  # the longest lab completion: 3 columns x 9 + a 4-digit answer + EOS = 32 tokens
@@ -141,10 +141,10 @@ def cold_start(
     """The paper's off-policy cold start: teacher samples (``generate``, the teacher's own template),
     ``filter``, then ``sft`` of the student on them with the student's template. Returns (model dir, stats).
     """
-    from student_trainer.filters import FilterConfig, filter_rollouts
-    from student_trainer.prompts import PromptTable
-    from student_trainer.sft import SFTConfig, run_sft
-    from student_trainer.teacher_rollouts import GenerateSettings, generate_to_file
+    from student_trainer.data.prompts import PromptTable
+    from student_trainer.recipe.filters import FilterConfig, filter_rollouts
+    from student_trainer.recipe.generate import GenerateSettings, generate_to_file
+    from student_trainer.recipe.sft import SFTConfig, run_sft
     from student_trainer.tracking import read_jsonl
 
     out = Path(out_dir)

@@ -12,7 +12,7 @@ measures the step-0 overlap with the student's template ``{question}`` and with 
 ``<bos>{question}`` on the teacher side (experiment 3, the teacher-aligned prompt). The verdict reads the
 TOP-1 overlap (``Thresholds(metric="opd/overlap_top1")``): with k = 16 = the whole vocabulary the top-k
 overlap is 1 by construction. The other thresholds are the documented defaults of
-``student_trainer.preflight.Thresholds``.
+``student_trainer.recipe.preflight.Thresholds``.
 
 Processes: one ``teacher-server`` per teacher (hf backend, one thread each) for the whole lab, and the runs
 in ``workers`` spawned processes (one thread each). Every run writes ``<out>/seed<S>/<run>/``: its log, the
@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from student_trainer.errors import ConfigError
 from student_trainer.lab import world
 from student_trainer.lab.build import MODELS_DIR, eval_problems, held_out, single_thread_env
 
@@ -38,7 +39,7 @@ RUNS = ("opd_A", "opd_B", "cold_B")
 TEACHER_OF = {"opd_A": "teacher_a", "opd_B": "teacher_b", "cold_B": "teacher_b"}
 
 
-class LabError(ValueError):
+class LabError(ConfigError):
     """Bad lab settings or missing models; the message names the value and the fix."""
 
 
@@ -196,10 +197,10 @@ def _run_job(job: dict[str, Any], out: Path) -> dict[str, Any]:
 def _preflight(job: dict[str, Any], s: LabSettings, student: str, workdir: Path) -> dict[str, Any]:
     """``preflight`` on (teacher, student) with the runs' own loss settings, probing both prompt templates;
     the verdict reads the top-1 overlap (the top-16 overlap is 1 by construction here)."""
+    from student_trainer.data.prompts import load_prompts
     from student_trainer.lab.opd import lab_config
-    from student_trainer.preflight import Measures, Thresholds, decide, format_report, run_preflight
-    from student_trainer.probe import Candidate, sample_table
-    from student_trainer.prompts import load_prompts
+    from student_trainer.recipe.preflight import Measures, Thresholds, decide, format_report, run_preflight
+    from student_trainer.recipe.probe import Candidate, sample_table
 
     cfg = lab_config(
         student,
@@ -301,7 +302,7 @@ def write_inputs(out: Path, s: LabSettings) -> dict[str, Any]:
 
 def start_teachers(models: Path, names: set[str], out: Path) -> dict[str, Any]:
     """One ``teacher-server`` per teacher (hf backend, one thread), started together, waited for."""
-    from student_trainer.teacher_process import TeacherProcess
+    from devkit.teacher_process import TeacherProcess
 
     procs = {
         n: TeacherProcess(

@@ -6,7 +6,7 @@
     format_a(problems[0])                           # "5+8+0=13;4+7+1=12;3+2+1=06;623"
     format_b(problems[0])                           # "3+2=05;4+7=11;5+8=13;623"
 
-Both formats end with the answer after the last ``;`` (extractor ``last:;`` of student_trainer.answers):
+Both formats end with the answer after the last ``;`` (extractor ``last:;`` of student_trainer.evaluate.answers):
 format A works right to left with the carry written in every column; format B writes the column sums left
 to right and resolves all the carries at once in the answer. The same problems, two incompatible ways of
 thinking about them: the paper's "thinking patterns" in miniature.
@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from student_trainer.errors import ConfigError
+
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 CHARS = "0123456789+=;"
 VOCAB = [PAD, BOS, EOS, *CHARS]  # 16 ids: a student top-16 covers the whole vocabulary
@@ -36,7 +38,7 @@ TEACHER_TEMPLATE = BOS + "{question}"
 FORMATS = ("A", "B")
 
 
-class WorldError(ValueError):
+class WorldError(ConfigError):
     """A bad lab input; the message names the value and the allowed range."""
 
 
@@ -184,7 +186,7 @@ def problem_records(problems: Iterable[Problem]) -> list[dict[str, Any]]:
 
 
 def sft_records(problems: Iterable[Problem], fmt: str) -> list[dict[str, Any]]:
-    """SFT records in the shape ``student_trainer.sft`` reads: ``question`` + ``completion`` text (the
+    """SFT records in the shape ``student_trainer.recipe.sft`` reads: ``question`` + ``completion`` text (the
     loader tokenizes it and appends EOS)."""
     return [{"question": p.question, "completion": completion(p, fmt)} for p in problems]
 

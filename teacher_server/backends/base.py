@@ -6,7 +6,8 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from shared.protocol import Capabilities
-from teacher_server.jobs import GeneratedSample, GenerateParams, ScoreJob, ScoreResult
+from shared.wire import GeneratedSample, ScoredSequence
+from teacher_server.jobs import GenerateParams, ScoreJob
 
 
 class Backend(ABC):
@@ -25,8 +26,11 @@ class Backend(ABC):
     def capabilities(self) -> Capabilities: ...
 
     @abstractmethod
-    async def score(self, jobs: list[ScoreJob]) -> list[ScoreResult]:
-        """Score sequences; results in the order of ``jobs``."""
+    async def score(self, jobs: list[ScoreJob]) -> list[ScoredSequence]:
+        """Score sequences; results in the order of ``jobs``, each with the job's ``completion_ids`` and
+        ``prompt_tokens = len(job.prompt_ids)`` (``tokens`` is left for the service to fill).
+
+        A request this backend cannot serve raises :class:`teacher_server.errors.UnsupportedRequest`."""
 
     @abstractmethod
     async def generate(self, prompts: list[list[int]], params: GenerateParams) -> list[list[GeneratedSample]]:

@@ -1,7 +1,8 @@
 """transformers backend: the embedded default, on CPU or GPU.
 
 One forward of the base model per batch (right padding, attention mask), then the output layer applied only
-to the positions that predict completion tokens, in row chunks (see :mod:`teacher_server.scoring`).
+to the positions that predict completion tokens, in row chunks (see
+:mod:`teacher_server.backends.hf_scoring`).
 At load time a probe checks that "base model + output layer" reproduces the model's own logits; models with
 extra logit processing that the probe cannot reproduce fall back to the full forward.
 """
@@ -17,11 +18,12 @@ import numpy as np
 import torch
 
 from shared.protocol import Capabilities
+from shared.wire import GeneratedSample, ScoredSequence
 from teacher_server.backends.base import Backend
-from teacher_server.batcher import MicroBatcher
+from teacher_server.backends.batcher import MicroBatcher
+from teacher_server.backends.hf_scoring import HeadOutputs, chunk_rows_for, chunked_head_scores
 from teacher_server.config import ServerConfig
-from teacher_server.jobs import GeneratedSample, GenerateParams, ScoreJob, ScoreResult
-from teacher_server.scoring import chunk_rows_for, chunked_head_scores
+from teacher_server.jobs import GenerateParams, ScoreJob
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +130,11 @@ class HFBackend(Backend):
             await self._batcher.close()
 
     # ------------------------------------------------------------------------------------------ scoring
-    async def score(self, jobs: list[ScoreJob]) -> list[ScoreResult]:
+    async def score(self, jobs: list[ScoreJob]) -> list[ScoredSequence]:
         assert self._batcher is not None, "backend not loaded"
         return await self._batcher.submit(jobs, [j.num_tokens for j in jobs])
 
-    def _score_batch_guarded(self, jobs: list[ScoreJob]) -> list[ScoreResult]:
+    def _score_batch_guarded(self, jobs: list[ScoreJob]) -> list[ScoredSequence]:
         """Run a batch; on GPU out-of-memory, split it in halves instead of failing the requests."""
         try:
             return self.score_batch(jobs)
@@ -145,7 +147,7 @@ class HFBackend(Backend):
             return self._score_batch_guarded(jobs[:half]) + self._score_batch_guarded(jobs[half:])
 
     @torch.inference_mode()
-    def score_batch(self, jobs: list[ScoreJob]) -> list[ScoreResult]:
+    def score_batch(self, jobs: list[ScoreJob]) -> list[ScoredSequence]:
         """Score a batch synchronously (also the in-process API used by benchmarks and tests)."""
         seqs = [np.concatenate([j.prompt_ids, j.completion_ids]) for j in jobs]
         longest = max(len(s) for s in seqs)
@@ -180,7 +182,7 @@ class HFBackend(Backend):
                 chunk_rows=chunk,
                 softcap=self._softcap if self._split_head else None,
             )
-            results.append(_to_result(out))
+            results.append(_to_result(job, out))
         return results
 
     # --------------------------------------------------------------------------------------- generation
@@ -190,7 +192,7 @@ class HFBackend(Backend):
 
     @torch.inference_mode()
     def _generate_sync(self, prompts: list[list[int]], params: GenerateParams) -> list[list[GeneratedSample]]:
-        from teacher_server.hf_generate import generate_samples
+        from teacher_server.backends.hf_generate import generate_samples
 
         t0 = time.perf_counter()
         out = generate_samples(self.model, self.tokenizer, prompts, params, self.device, self.max_model_len)
@@ -202,8 +204,10 @@ def _np(t: torch.Tensor | None, dtype: str) -> np.ndarray | None:
     return None if t is None else t.detach().to("cpu").numpy().astype(dtype, copy=False)
 
 
-def _to_result(out) -> ScoreResult:
-    return ScoreResult(
+def _to_result(job: ScoreJob, out: HeadOutputs) -> ScoredSequence:
+    return ScoredSequence(
+        completion_ids=job.completion_ids,
+        prompt_tokens=int(job.prompt_ids.shape[0]),
         logprobs=_np(out.logprobs, "float32"),
         topk_ids=_np(out.topk_ids, "int32"),
         topk_logprobs=_np(out.topk_logprobs, "float32"),

@@ -30,11 +30,12 @@ from typing import Any
 import numpy as np
 
 from shared.protocol import Capabilities
+from shared.wire import GeneratedSample, ScoredSequence
 from teacher_server.backends.base import Backend
 from teacher_server.backends.vllm_convert import candidate_rows, completion_rows
 from teacher_server.config import ConfigError, ServerConfig
-from teacher_server.errors import APIError
-from teacher_server.jobs import GeneratedSample, GenerateParams, ScoreJob, ScoreResult
+from teacher_server.errors import UnsupportedRequest
+from teacher_server.jobs import GenerateParams, ScoreJob
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ class VLLMBackend(Backend):
             await asyncio.to_thread(engine.shutdown)
 
     # ------------------------------------------------------------------------------------------ scoring
-    async def score(self, jobs: list[ScoreJob]) -> list[ScoreResult]:
+    async def score(self, jobs: list[ScoreJob]) -> list[ScoredSequence]:
         assert self.engine is not None, "backend not loaded"
         for i, job in enumerate(jobs):
             _refuse_unsupported(job, i, self._candidates)
@@ -199,7 +200,7 @@ class VLLMBackend(Backend):
             kw["prompt_logprob_start"] = int(job.prompt_ids.shape[0]) - 1
         return self._sampling_params(**kw)
 
-    async def _score_one(self, job: ScoreJob) -> ScoreResult:
+    async def _score_one(self, job: ScoreJob) -> ScoredSequence:
         ids = np.concatenate([job.prompt_ids, job.completion_ids]).tolist()
         out = await self._run(ids, self._score_params(job))
         p, t = int(job.prompt_ids.shape[0]), int(job.completion_ids.shape[0])
@@ -209,10 +210,18 @@ class VLLMBackend(Backend):
         cand = None
         if job.candidate_ids is not None:
             cand = candidate_rows(out.prompt_token_id_logprobs, t, int(job.candidate_ids.shape[1]))
-        return ScoreResult(logprobs_T, topk_ids_T_K, topk_lps_T_K, candidate_logprobs=cand)
+        return ScoredSequence(
+            completion_ids=job.completion_ids,
+            logprobs=logprobs_T,
+            topk_ids=topk_ids_T_K,
+            topk_logprobs=topk_lps_T_K,
+            prompt_tokens=p,
+            candidate_logprobs=cand,
+        )
 
     async def _run(self, ids: list[int], params: Any) -> Any:
-        """Submit one request and return its final output; vLLM validation errors become 422."""
+        """Submit one request and return its final output; vLLM's validation errors become
+        UnsupportedRequest (the app answers 422)."""
         final = None
         self._inflight += 1
         try:
@@ -220,8 +229,8 @@ class VLLMBackend(Backend):
             async for out in self.engine.generate(prompt, params, f"opd-{next(self._ids)}"):
                 final = out
         except self._validation_errors as exc:
-            raise APIError(
-                422, f"vLLM rejected the request: {exc}", field=getattr(exc, "parameter", None)
+            raise UnsupportedRequest(
+                f"vLLM rejected the request: {exc}", field=getattr(exc, "parameter", None)
             ) from None
         finally:
             self._inflight -= 1
@@ -270,8 +279,7 @@ def _refuse_unsupported(job: ScoreJob, index: int, candidates: bool) -> None:
     """The backend's own guard for what vLLM cannot compute (the request layer checks these first)."""
     where = f"sequences[{index}]"
     if job.want_entropy:
-        raise APIError(
-            422,
+        raise UnsupportedRequest(
             "return_entropy: the vllm backend cannot compute the full-distribution entropy (vLLM returns "
             "only the top-k); send return_entropy=false or use the hf backend",
             field="return_entropy",
@@ -279,8 +287,7 @@ def _refuse_unsupported(job: ScoreJob, index: int, candidates: bool) -> None:
             limit="capabilities.entropy = false",
         )
     if job.temperature != 1.0:
-        raise APIError(
-            422,
+        raise UnsupportedRequest(
             "temperature: the vllm backend scores at temperature 1.0 only (its prompt log-probs ignore "
             "temperature); send 1.0 or use the hf backend",
             field="temperature",
@@ -288,8 +295,7 @@ def _refuse_unsupported(job: ScoreJob, index: int, candidates: bool) -> None:
             limit="1.0",
         )
     if job.candidate_ids is not None and not candidates:
-        raise APIError(
-            422,
+        raise UnsupportedRequest(
             f"{where}.candidate_ids: this vLLM engine cannot return log-probs at arbitrary ids (needs "
             "vLLM >= 0.32 with the V2 model runner); use the hf backend or a top-k loss",
             field=f"{where}.candidate_ids",

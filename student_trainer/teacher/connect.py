@@ -1,0 +1,74 @@
+"""The teacher a config names, connected and checked against the student and the loss.
+
+``train``, ``probe`` and ``preflight`` all call :func:`connect_teacher`: an HTTP endpoint pool for
+``teacher.urls`` or an in-process model for ``teacher.local``; the loss's row in ``opd.loss_table`` says
+which capabilities the teacher must have. Raises :class:`TeacherIncompatible` (tokenizers differ and the
+mismatch is not allowed, or a capability is missing) after releasing what was opened.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from shared.fingerprint import tokenizer_fingerprint
+from student_trainer.config import Config
+from student_trainer.opd.loss_table import loss_spec
+from student_trainer.teacher.base import Teacher
+from student_trainer.teacher.errors import TeacherIncompatible
+
+
+def connect_teacher(cfg: Config, student_fingerprint: str, device: Any = None, warn: Any = print) -> Teacher:
+    """The configured teacher; ``device`` is where an in-process teacher runs; ``warn`` gets the warnings
+    (an explicitly allowed tokenizer mismatch)."""
+    if cfg.teacher.local:
+        return _local(cfg, student_fingerprint, device)
+    return _remote(cfg, student_fingerprint, warn)
+
+
+def _local(cfg: Config, student_fingerprint: str, device: Any) -> Teacher:
+    import torch
+
+    from student_trainer.teacher.local import LocalTeacher
+
+    device = torch.device(device or "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    local = LocalTeacher(cfg.teacher.local, device, dtype, cfg.loss.chunk_rows)
+    fp = tokenizer_fingerprint(local.tokenizer)
+    if fp != student_fingerprint and not cfg.teacher.allow_tokenizer_mismatch:
+        local.close()
+        raise TeacherIncompatible(
+            f"local teacher tokenizer {fp} differs from the student's {student_fingerprint}; "
+            "set teacher.allow_tokenizer_mismatch=true only if the ids agree"
+        )
+    return local
+
+
+def _remote(cfg: Config, student_fingerprint: str, warn: Any) -> Teacher:
+    from student_trainer.teacher.client import SyncTeacherClient
+    from student_trainer.teacher.compat import check_compatibility
+    from student_trainer.teacher.remote import RemoteTeacher
+
+    t, lo = cfg.teacher, cfg.loss
+    client = SyncTeacherClient(
+        t.urls,
+        api_key=t.api_key or os.environ.get("TEACHER_API_KEY"),
+        timeout_s=t.timeout_s,
+        max_wait_s=t.max_retry_wait_s,
+        max_sequences_per_request=t.max_sequences_per_request,
+    )
+    try:
+        infos = client.model_info()
+        warnings = check_compatibility(
+            infos,
+            student_fingerprint,
+            needs=loss_spec(lo.type).needs,
+            top_k=lo.top_k,
+            allow_mismatch=t.allow_tokenizer_mismatch,
+        )
+    except BaseException:
+        client.close()
+        raise
+    for w in warnings:
+        warn(f"warning: {w}")
+    return RemoteTeacher(client, infos)
