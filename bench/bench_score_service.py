@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from devkit.teacher_process import TeacherProcess  # noqa: E402
 from devkit.tiny_models import TinySpec, save_shape_config, save_tiny  # noqa: E402
 from shared import codec  # noqa: E402
+from shared.protocol import ScoreOptions  # noqa: E402
 from teacher_server.backends.batcher import plan_batches  # noqa: E402
 from teacher_server.backends.hf import HFBackend  # noqa: E402
 from teacher_server.config import ServerConfig  # noqa: E402
@@ -80,7 +81,9 @@ def make_jobs(args, vocab: int) -> list[ScoreJob]:
     rng = np.random.default_rng(0)
     return [
         ScoreJob(
-            rng.integers(0, vocab, args.prompt_len), rng.integers(0, vocab, args.completion_len), args.top_k
+            rng.integers(0, vocab, args.prompt_len),
+            rng.integers(0, vocab, args.completion_len),
+            ScoreOptions(top_k=args.top_k),
         )
         for _ in range(args.sequences)
     ]

@@ -99,12 +99,25 @@ class ScoreSequence(_Strict):
         return {"prompt_ids": "tokens", "prompt": "text", "messages": "chat"}[present[0]]
 
 
-class ScoreRequest(_Strict):
+class _ScoreSequences(_Strict):
     sequences: list[ScoreSequence] = Field(min_length=1, description="the rollouts to score")
+
+
+class ScoreOptions(_Strict):
+    """What to compute for every sequence of a score request. The server's jobs carry this object as is, so
+    a new option is one field here plus the backend code that honours it."""
+
     top_k: int = Field(DEFAULT_TOP_K, ge=0, description="teacher top-k per position (0..server max_top_k)")
     return_entropy: bool = Field(False, description="teacher full-distribution entropy per position")
     temperature: float = Field(1.0, gt=0.0, allow_inf_nan=False, description="divides logits first")
     return_tokens: bool = Field(False, description="decoded completion token strings, for people")
+
+
+class ScoreRequest(ScoreOptions, _ScoreSequences):  # this base order keeps "sequences" the first field
+    """``POST /v1/score``: the sequences and the options that apply to all of them."""
+
+    def options(self) -> ScoreOptions:
+        return ScoreOptions.model_validate(self.model_dump(include=set(ScoreOptions.model_fields)))
 
 
 class Usage(BaseModel):
@@ -151,8 +164,13 @@ class GeneratePrompt(_Strict):
         return self
 
 
-class GenerateRequest(_Strict):
+class _GeneratePrompts(_Strict):
     prompts: list[GeneratePrompt] = Field(min_length=1)
+
+
+class GenerateOptions(_Strict):
+    """How to sample every prompt of a generate request; the backends receive this object as is."""
+
     n: int = Field(1, ge=1, description="samples per prompt")
     temperature: float = Field(1.0, ge=0.0, allow_inf_nan=False, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
@@ -160,6 +178,13 @@ class GenerateRequest(_Strict):
     seed: int | None = Field(None, description="makes sampling reproducible for a given server and batch")
     stop: list[str] | None = Field(None, description="stop strings (not included in the text)")
     stop_token_ids: list[int] | None = Field(None, description="extra stop tokens besides EOS")
+
+
+class GenerateRequest(GenerateOptions, _GeneratePrompts):  # this base order keeps "prompts" the first field
+    """``POST /v1/generate``: the prompts and the sampling options that apply to all of them."""
+
+    def options(self) -> GenerateOptions:
+        return GenerateOptions.model_validate(self.model_dump(include=set(GenerateOptions.model_fields)))
 
 
 class GenerateSampleDoc(BaseModel):

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ValidationError
 
 from shared.codec import as_array
-from shared.protocol import DEFAULT_TOP_K
+from shared.protocol import GenerateOptions, ScoreOptions
 
 _INT32 = np.iinfo(np.int32)
 PROMPT_FIELDS = ("prompt_ids", "prompt", "messages")
@@ -111,22 +112,19 @@ def sequence_doc(
     return doc
 
 
-def score_request(
-    sequences: Sequence[Mapping[str, Any]],
-    *,
-    top_k: int = DEFAULT_TOP_K,
-    return_entropy: bool = False,
-    temperature: float = 1.0,
-    return_tokens: bool = False,
-) -> dict[str, Any]:
-    """A ``POST /v1/score`` body from :func:`sequence_doc` documents."""
-    return {
-        "sequences": list(sequences),
-        "top_k": int(top_k),
-        "return_entropy": bool(return_entropy),
-        "temperature": float(temperature),
-        "return_tokens": bool(return_tokens),
-    }
+def score_request(sequences: Sequence[Mapping[str, Any]], **options: Any) -> dict[str, Any]:
+    """A ``POST /v1/score`` body from :func:`sequence_doc` documents; ``options`` are
+    :class:`shared.protocol.ScoreOptions` fields (validated here with the server's own model)."""
+    return {"sequences": list(sequences), **_options(ScoreOptions, options)}
+
+
+def _options(model: type[BaseModel], options: Mapping[str, Any]) -> dict[str, Any]:
+    try:
+        return model.model_validate(dict(options)).model_dump()
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"]) or "options"
+        raise WireInputError(f"{where}: {first['msg']} (got {first.get('input')!r})") from None
 
 
 def prompt_doc(prompt: Any, where: str = "prompt") -> dict[str, Any]:
@@ -150,25 +148,10 @@ def prompt_doc(prompt: Any, where: str = "prompt") -> dict[str, Any]:
     return {"prompt_ids": ids_array(prompt, where)}
 
 
-def generate_request(
-    prompts: Sequence[Mapping[str, Any]],
-    *,
-    n: int = 1,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    max_tokens: int = 256,
-    seed: int | None = None,
-    stop: Sequence[str] | None = None,
-    stop_token_ids: Sequence[int] | None = None,
-) -> dict[str, Any]:
-    """A ``POST /v1/generate`` body from :func:`prompt_doc` documents."""
-    doc: dict[str, Any] = {"prompts": list(prompts), "n": int(n), "temperature": float(temperature)}
-    doc.update(top_p=float(top_p), max_tokens=int(max_tokens), seed=None if seed is None else int(seed))
-    if stop:
-        doc["stop"] = [str(s) for s in stop]
-    if stop_token_ids:
-        doc["stop_token_ids"] = [int(t) for t in stop_token_ids]
-    return doc
+def generate_request(prompts: Sequence[Mapping[str, Any]], **options: Any) -> dict[str, Any]:
+    """A ``POST /v1/generate`` body from :func:`prompt_doc` documents; ``options`` are
+    :class:`shared.protocol.GenerateOptions` fields (validated here with the server's own model)."""
+    return {"prompts": list(prompts), **_options(GenerateOptions, options)}
 
 
 # ------------------------------------------------------------------------------------------------ results

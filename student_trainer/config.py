@@ -292,7 +292,10 @@ def from_dict(doc: dict[str, Any]) -> Config:
             if key not in fields:
                 raise ConfigError(f"unknown key {name}.{key}; valid keys: {', '.join(fields)}")
             kwargs[key] = _coerce(v, _unoptional(fields[key]), f"{name}.{key}") if v is not None else None
-        sections[name] = cls(**kwargs)
+        try:
+            sections[name] = cls(**kwargs)
+        except ConfigError as exc:  # a section's own check (eval's messages start with the field name)
+            raise ConfigError(f"{name}.{exc}") from None
     return Config(**sections)
 
 

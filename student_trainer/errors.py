@@ -8,6 +8,7 @@ and a command can print any of them as one line and exit non-zero (``cli.py``: 2
     TrainerError
     ├── ConfigError (ValueError)         a setting that cannot work: config keys, CLI flags, engine options
     ├── DataError (ValueError)           input data that cannot be used: prompt files, records, SFT examples
+    │   └── DataFileNotFound (FileNotFoundError)
     ├── MissingDependencyError (ImportError)   an optional extra is not installed
     ├── OffPolicyError (RuntimeError)    a student-top-k update on rollouts of an older policy
     └── TeacherError                     the teacher boundary (student_trainer.teacher.errors)
@@ -26,6 +27,10 @@ class ConfigError(TrainerError, ValueError):
 
 class DataError(TrainerError, ValueError):
     """Input data that cannot be used; the message names the file/line or field and the fix."""
+
+
+class DataFileNotFound(DataError, FileNotFoundError):
+    """An input file that does not exist."""
 
 
 class MissingDependencyError(TrainerError, ImportError):

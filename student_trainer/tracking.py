@@ -9,6 +9,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from student_trainer.errors import ConfigError
+
 SUMMARY_KEYS = (
     ("loss", "opd/loss", "{:.4f}"),
     ("kl", "opd/reverse_kl", "{:.4f}"),
@@ -40,7 +42,7 @@ def available_trackers(requested: list[str]) -> list[str]:
         if name == "jsonl":
             continue
         if name not in packages:
-            raise ValueError(f"logging.trackers: unknown tracker {name!r}; use jsonl, tensorboard or wandb")
+            raise ConfigError(f"logging.trackers: unknown tracker {name!r}; use jsonl, tensorboard or wandb")
         if importlib.util.find_spec(packages[name]) is not None:
             out.append(name)
         else:

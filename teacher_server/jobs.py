@@ -1,12 +1,20 @@
-"""Backend-neutral units of work (server-internal): one scoring job per sequence, one set of sampling
-parameters per generate request. What backends return is the shared contract: :class:`shared.wire.ScoredSequence`
-and :class:`shared.wire.GeneratedSample`."""
+"""Backend-neutral units of work (server-internal): one scoring job per sequence, tokenized and validated.
+
+A job carries its request's :class:`shared.protocol.ScoreOptions` as is, and generation receives the
+request's :class:`shared.protocol.GenerateOptions` as is, so a new request option is a field in
+``shared/protocol.py`` plus the backend code that honours it. What backends return is the shared contract:
+:class:`shared.wire.ScoredSequence` and :class:`shared.wire.GeneratedSample`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from shared.protocol import GenerateOptions, ScoreOptions
+
+GenerateParams = GenerateOptions  # the sampling options every generate backend receives
 
 
 @dataclass
@@ -15,22 +23,21 @@ class ScoreJob:
 
     prompt_ids: np.ndarray  # (P,) int64, P >= 1
     completion_ids: np.ndarray  # (T,) int64, T >= 1
-    top_k: int
-    temperature: float = 1.0
-    want_entropy: bool = False
+    options: ScoreOptions = field(default_factory=ScoreOptions)
     candidate_ids: np.ndarray | None = None  # (T, K) int64
 
     @property
     def num_tokens(self) -> int:
         return int(self.prompt_ids.shape[0] + self.completion_ids.shape[0])
 
+    @property
+    def top_k(self) -> int:
+        return self.options.top_k
 
-@dataclass
-class GenerateParams:
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 256
-    seed: int | None = None
-    stop: list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    @property
+    def temperature(self) -> float:
+        return self.options.temperature
+
+    @property
+    def want_entropy(self) -> bool:
+        return self.options.return_entropy

@@ -7,9 +7,16 @@ from typing import Any
 
 import numpy as np
 
-from shared.protocol import ChatMessage, GenerateRequest, ScoreRequest, ScoreSequence
+from shared.protocol import (
+    ChatMessage,
+    GenerateOptions,
+    GenerateRequest,
+    ScoreOptions,
+    ScoreRequest,
+    ScoreSequence,
+)
 from teacher_server.errors import APIError
-from teacher_server.jobs import GenerateParams, ScoreJob
+from teacher_server.jobs import ScoreJob
 
 
 @dataclass
@@ -78,7 +85,7 @@ def _prompt_ids(seq: ScoreSequence | Any, tokenizer: Any, where: str, limits: Li
 _PROMPT_FIELD = {"tokens": "prompt_ids", "text": "prompt", "chat": "messages"}
 
 
-def _job(seq: ScoreSequence, req: ScoreRequest, tokenizer: Any, where: str, limits: Limits) -> ScoreJob:
+def _job(seq: ScoreSequence, options: ScoreOptions, tokenizer: Any, where: str, limits: Limits) -> ScoreJob:
     prompt = np.asarray(_prompt_ids(seq, tokenizer, where, limits), dtype=np.int64)
     if seq.completion_ids is not None:
         completion = np.asarray(seq.completion_ids, dtype=np.int64)
@@ -118,9 +125,7 @@ def _job(seq: ScoreSequence, req: ScoreRequest, tokenizer: Any, where: str, limi
     return ScoreJob(
         prompt_ids=prompt,
         completion_ids=completion,
-        top_k=req.top_k,
-        temperature=req.temperature,
-        want_entropy=req.return_entropy,
+        options=options,
         candidate_ids=_candidates(seq, completion.size, where, limits),
     )
 
@@ -211,7 +216,8 @@ def score_jobs(req: ScoreRequest, tokenizer: Any, limits: Limits) -> list[ScoreJ
             value=True,
             limit="capabilities.entropy = false",
         )
-    jobs = [_job(seq, req, tokenizer, f"sequences[{i}]", limits) for i, seq in enumerate(req.sequences)]
+    options = req.options()  # one object shared by every job of the request
+    jobs = [_job(seq, options, tokenizer, f"sequences[{i}]", limits) for i, seq in enumerate(req.sequences)]
     total = sum(j.num_tokens for j in jobs)
     if total > limits.max_request_tokens:
         raise APIError(
@@ -227,7 +233,7 @@ def score_jobs(req: ScoreRequest, tokenizer: Any, limits: Limits) -> list[ScoreJ
 
 def generate_jobs(
     req: GenerateRequest, tokenizer: Any, limits: Limits
-) -> tuple[list[list[int]], GenerateParams]:
+) -> tuple[list[list[int]], GenerateOptions]:
     """Prompt ids and sampling parameters of a generate request, validated against the limits."""
     _check_request_size(len(req.prompts) * req.n, "prompts", limits)
     prompts = []
@@ -262,13 +268,4 @@ def generate_jobs(
         )
     if req.stop_token_ids:
         _check_ids(np.asarray(req.stop_token_ids), "stop_token_ids", limits.vocab_size)
-    params = GenerateParams(
-        n=req.n,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        max_tokens=req.max_tokens,
-        seed=req.seed,
-        stop=req.stop,
-        stop_token_ids=req.stop_token_ids,
-    )
-    return prompts, params
+    return prompts, req.options()

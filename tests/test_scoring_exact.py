@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from shared.protocol import ScoreOptions
 from teacher_server.backends.hf import HFBackend
 from teacher_server.backends.hf_scoring import chunked_head_scores
 from teacher_server.config import ServerConfig
@@ -41,8 +42,9 @@ def reference(tiny_pair):
     return logprobs
 
 
-def _job(prompt, completion, k=16, **kw):
-    return ScoreJob(np.asarray(prompt, np.int64), np.asarray(completion, np.int64), top_k=k, **kw)
+def _job(prompt, completion, k=16, candidate_ids=None, want_entropy=False, temperature=1.0):
+    options = ScoreOptions(top_k=k, return_entropy=want_entropy, temperature=temperature)
+    return ScoreJob(np.asarray(prompt, np.int64), np.asarray(completion, np.int64), options, candidate_ids)
 
 
 def _check(res, ref_T_V, completion, k):

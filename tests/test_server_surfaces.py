@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict
 
 from devkit.teacher_process import free_port
 from shared import codec
-from shared.protocol import ScoreRequest
+from shared.protocol import ScoreOptions, ScoreRequest
 from teacher_server import api, service
 from teacher_server.api.http import AUTH, observed, parse, respond, server_state
 from teacher_server.api.openapi import install_openapi
@@ -188,12 +188,12 @@ def test_vllm_guards_raise_the_backend_error_not_an_http_one():
     from teacher_server.backends.vllm import _refuse_unsupported  # no vllm import needed for the guards
 
     ids = np.arange(3, dtype=np.int64)
-    job = ScoreJob(prompt_ids=ids[:1], completion_ids=ids[1:], top_k=1, want_entropy=True)
+    job = ScoreJob(ids[:1], ids[1:], ScoreOptions(top_k=1, return_entropy=True))
     with pytest.raises(UnsupportedRequest) as info:
         _refuse_unsupported(job, 0, candidates=False)
     err = as_api_error(info.value)
     assert err.status == 422 and err.body()["error"]["field"] == "return_entropy"
-    job = ScoreJob(ids[:1], ids[1:], top_k=1, candidate_ids=np.zeros((2, 1), np.int64))
+    job = ScoreJob(ids[:1], ids[1:], ScoreOptions(top_k=1), candidate_ids=np.zeros((2, 1), np.int64))
     with pytest.raises(UnsupportedRequest, match="arbitrary ids"):
         _refuse_unsupported(job, 4, candidates=False)
 

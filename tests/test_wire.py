@@ -199,6 +199,8 @@ def test_bad_inputs_are_refused_before_sending():
         TeacherInputError, match=r"shape \[1, 1\] does not fit the completion; expected \(2, K\)"
     ):
         _score(rec, [FORMS["tokens"]], candidate_ids=[np.zeros((1, 1), dtype=np.int64)])
+    with pytest.raises(TeacherInputError, match="top_kk: Extra inputs are not permitted"):
+        _score(rec, [FORMS["tokens"]], top_kk=3)  # options are checked with the server's own model
     assert rec.bodies == []
 
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from student_trainer.errors import DataError, MissingDependencyError
+from student_trainer.errors import DataError, DataFileNotFound, MissingDependencyError
 
 DEFAULT_QUESTION_FIELDS = ("question", "prompt")
 
@@ -16,7 +16,7 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     """Records from ``.jsonl``/``.json`` lines or ``.parquet`` (needs pyarrow)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no such file: {path}")
+        raise DataFileNotFound(f"no such file: {path}")
     if path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq

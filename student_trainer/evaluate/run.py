@@ -178,7 +178,7 @@ def render_prompts(
     if template is not None:
         return [template.replace("{question}", q) for q in questions]
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
+        raise ConfigError(
             "the tokenizer has no chat template: pass a plain template such as '{question}' "
             "(--template on the command line)"
         )
@@ -198,7 +198,7 @@ def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     if not ids:
-        raise ValueError("no EOS token id: neither the model's generation_config nor the tokenizer has one")
+        raise ConfigError("no EOS token id: neither the model's generation_config nor the tokenizer has one")
     return ids
 
 

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from student_trainer.errors import ConfigError
 from student_trainer.lab import world
 
 MODELS_DIR = Path(__file__).parent / "models"
@@ -231,7 +232,7 @@ def build_all(
 
     unknown = [n for n in names if n not in RECIPES]
     if unknown:
-        raise ValueError(f"unknown model(s) {unknown}; choose from {sorted(RECIPES)}")
+        raise ConfigError(f"unknown model(s) {unknown}; choose from {sorted(RECIPES)}")
     out = Path(out_dir)
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="lab-build-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from student_trainer.errors import ConfigError
+
 
 def build_optimizer(
     model: torch.nn.Module, lr: float, betas: tuple[float, float], weight_decay: float
@@ -34,7 +36,7 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
             return 1.0 - progress
         if schedule == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * progress))
-        raise ValueError(f"unknown schedule {schedule!r}; use constant, linear or cosine")
+        raise ConfigError(f"unknown schedule {schedule!r}; use constant, linear or cosine")
 
     return f
 

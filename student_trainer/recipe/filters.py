@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from student_trainer.errors import ConfigError, DataError
+
 FILTERS = ("empty", "too_short", "incomplete", "repetition")
 _HASH_BASE = np.uint64(1_000_003)
 
@@ -44,7 +46,7 @@ def repeated_ngram_fraction(ids_T: np.ndarray, n: int) -> float:
     probability ~T^2 / 2^64, negligible at any realistic length).
     """
     if n < 1:
-        raise ValueError(f"ngram_size must be >= 1 (got {n})")
+        raise ConfigError(f"ngram_size must be >= 1 (got {n})")
     T = len(ids_T)
     if T < n:
         return 0.0
@@ -109,13 +111,13 @@ class FilterConfig:
     def __post_init__(self) -> None:
         for name in ("min_tokens", "min_chars", "tail_min_repeats", "tail_min_span"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (got {getattr(self, name)})")
+                raise ConfigError(f"{name} must be >= 0 (got {getattr(self, name)})")
         if self.ngram_size < 1:
-            raise ValueError(f"ngram_size must be >= 1 (got {self.ngram_size})")
+            raise ConfigError(f"ngram_size must be >= 1 (got {self.ngram_size})")
         if self.tail_max_period < 1:
-            raise ValueError(f"tail_max_period must be >= 1 (got {self.tail_max_period})")
+            raise ConfigError(f"tail_max_period must be >= 1 (got {self.tail_max_period})")
         if not 0.0 <= self.max_repeated_ngram_fraction <= 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"max_repeated_ngram_fraction must be in [0, 1] (got {self.max_repeated_ngram_fraction})"
             )
 
@@ -130,7 +132,7 @@ def _content_tokens(
         vocab: dict[str, int] = {}
         return np.array([vocab.setdefault(w, len(vocab)) for w in words], dtype=np.int64), None
     if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
-        raise ValueError(f"{where}: field {config.ids_field!r} must be a list of token ids")
+        raise DataError(f"{where}: field {config.ids_field!r} must be a list of token ids")
     ids_T = np.array(ids, dtype=np.int64)
     if config.eos_token_ids:
         ends_with_eos = bool(len(ids) and ids[-1] in config.eos_token_ids)
@@ -144,7 +146,7 @@ def _content_tokens(
 def check_record(record: dict[str, Any], config: FilterConfig, where: str = "record") -> list[str]:
     """Reasons (one per failed filter, in ``FILTERS`` order, "<filter>: <detail>") to drop ``record``."""
     if not isinstance(record.get(config.text_field), str):
-        raise ValueError(f"{where}: missing text field {config.text_field!r} (fields: {sorted(record)})")
+        raise DataError(f"{where}: missing text field {config.text_field!r} (fields: {sorted(record)})")
     text = record[config.text_field]
     content_T, ends_with_eos = _content_tokens(record, config, where)
     reasons = []
@@ -161,7 +163,7 @@ def check_record(record: dict[str, Any], config: FilterConfig, where: str = "rec
             if finish != "stop":
                 reasons.append(f"incomplete: finish_reason={finish}")
         elif ends_with_eos is None:
-            raise ValueError(
+            raise DataError(
                 f"{where}: no {config.finish_field!r} field and no EOS ids to check the last token against: "
                 "pass eos_token_ids (--eos-id / --tokenizer) or disable the incomplete filter"
             )

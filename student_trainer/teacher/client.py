@@ -269,16 +269,18 @@ class TeacherClient:
         candidate_ids: Sequence[np.ndarray | None] | None = None,
         temperature: float = 1.0,
         return_tokens: bool = False,
+        **options: Any,
     ) -> list[ScoredSequence]:
         """Teacher scores of every sequence, in input order (see :class:`shared.wire.ScoredSequence`).
 
         ``candidate_ids[i]`` is a (T_i, K) array of ids at which the teacher's full-vocabulary log-probs are
-        returned as ``candidate_logprobs`` (the student's stored top-k for the student-top-k loss).
+        returned as ``candidate_logprobs`` (the student's stored top-k for the student-top-k loss). Further
+        ``options`` are :class:`shared.protocol.ScoreOptions` fields, passed through.
         """
         self._check_score_options(len(sequences), top_k, temperature, candidate_ids)
-        opts = dict(
-            top_k=top_k, temperature=temperature, return_entropy=return_entropy, return_tokens=return_tokens
-        )
+        opts = dict(top_k=top_k, temperature=temperature, return_entropy=return_entropy, **options)
+        opts["return_tokens"] = return_tokens
+        _checked(wire.score_request, opts)
         docs, tokens, nbytes = [], [], []
         for i, item in enumerate(sequences):
             cand = None if candidate_ids is None else candidate_ids[i]
@@ -365,6 +367,7 @@ class TeacherClient:
             return []
         opts = dict(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
         opts.update(stop=stop, stop_token_ids=stop_token_ids)
+        _checked(wire.generate_request, opts)
         cost = [(len(d.get("prompt_ids", ())) + max_tokens) * n for d in docs]
         ranges = split_contiguous(cost, len(self.urls), max(1, self.max_sequences // n), self.max_tokens)
         results: list[list[GeneratedSample] | None] = [None] * len(docs)
@@ -389,6 +392,14 @@ async def _encode(doc: dict[str, Any], approx_bytes: int) -> bytes:
     if approx_bytes > _OFF_LOOP_BYTES:  # keep the event loop (other chunks' I/O) responsive
         return await asyncio.to_thread(codec.encode, doc, codec.MSGPACK)
     return codec.encode(doc, codec.MSGPACK)
+
+
+def _checked(build: Callable[..., dict[str, Any]], opts: dict[str, Any]) -> None:
+    """Validate request options with the contract's own model before anything is sent."""
+    try:
+        build([], **opts)
+    except wire.WireInputError as exc:
+        raise TeacherInputError(str(exc)) from None
 
 
 def _decode(reply: Reply) -> Any:

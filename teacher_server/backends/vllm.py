@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.protocol import Capabilities
+from shared.protocol import Capabilities, ScoreOptions
 from shared.wire import GeneratedSample, ScoredSequence
 from teacher_server.backends.base import Backend
 from teacher_server.backends.vllm_convert import candidate_rows, completion_rows
@@ -168,7 +168,8 @@ class VLLMBackend(Backend):
     async def _warm_up(self) -> None:
         """One tiny request: the first one after start is slow (kernel warm-up), keep that off clients."""
         ids = np.arange(2, dtype=np.int64) % max(self.model_vocab_size, 1)
-        job = ScoreJob(prompt_ids=ids[:1], completion_ids=ids[1:], top_k=min(1, self.config.max_top_k))
+        options = ScoreOptions(top_k=min(1, self.config.max_top_k))
+        job = ScoreJob(prompt_ids=ids[:1], completion_ids=ids[1:], options=options)
         await self._score_one(job)
 
     def capabilities(self) -> Capabilities:
