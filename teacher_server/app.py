@@ -56,7 +56,7 @@ def create_app(
     _install_error_handlers(app)
     for surface in SURFACES:
         app.include_router(surface.router)
-    install_openapi(app, {path: model for surface in SURFACES for path, model in surface.BODIES.items()})
+    install_openapi(app, SURFACES)
     return app
 
 

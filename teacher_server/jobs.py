@@ -12,9 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from shared.protocol import GenerateOptions, ScoreOptions
-
-GenerateParams = GenerateOptions  # the sampling options every generate backend receives
+from shared.protocol import ScoreOptions
 
 
 @dataclass

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.protocol import GenerateRequest, ScoreRequest
+from shared.protocol import GenerateOptions, GenerateRequest, ScoreRequest
 from shared.wire import GeneratedSample, ScoredSequence
 from teacher_server.errors import APIError
-from teacher_server.jobs import GenerateParams, ScoreJob
+from teacher_server.jobs import ScoreJob
 from teacher_server.prepare import generate_jobs, score_jobs
 from teacher_server.state import ServerState, require_ready
 
@@ -87,7 +87,7 @@ def require_generate(state: ServerState) -> None:
 
 
 async def generate(
-    state: ServerState, prompts: list[list[int]], params: GenerateParams
+    state: ServerState, prompts: list[list[int]], params: GenerateOptions
 ) -> list[list[GeneratedSample]]:
     """Admit, sample and count: ``params.n`` samples per prompt, in prompt order."""
     require_generate(state)

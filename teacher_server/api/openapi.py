@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI
@@ -14,9 +14,12 @@ from shared import codec
 _BODY_METHODS = ("post", "put", "patch")
 
 
-def install_openapi(app: FastAPI, bodies: Mapping[str, type[BaseModel]]) -> None:
-    """Document ``bodies`` (path -> model; parsed by hand, so FastAPI cannot see them) for JSON and msgpack."""
-    paths = {getattr(r, "path", None) for r in app.routes}
+def install_openapi(app: FastAPI, surfaces: Sequence[Any]) -> None:
+    """Document every surface's ``BODIES`` (path -> model; parsed by hand, so FastAPI cannot see them) for
+    JSON and msgpack. Paths are checked against the surfaces' own routers: recent FastAPI versions list an
+    included router in ``app.routes`` as one lazy entry, not as its routes."""
+    bodies: dict[str, type[BaseModel]] = {p: m for s in surfaces for p, m in s.BODIES.items()}
+    paths = {getattr(r, "path", None) for s in surfaces for r in s.router.routes}
     missing = sorted(set(bodies) - paths)
     if missing:
         raise ValueError(f"request bodies documented for paths no route serves: {missing}")

@@ -5,9 +5,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
-from shared.protocol import Capabilities
+from shared.protocol import Capabilities, GenerateOptions
 from shared.wire import GeneratedSample, ScoredSequence
-from teacher_server.jobs import GenerateParams, ScoreJob
+from teacher_server.jobs import ScoreJob
 
 
 class Backend(ABC):
@@ -33,7 +33,9 @@ class Backend(ABC):
         A request this backend cannot serve raises :class:`teacher_server.errors.UnsupportedRequest`."""
 
     @abstractmethod
-    async def generate(self, prompts: list[list[int]], params: GenerateParams) -> list[list[GeneratedSample]]:
+    async def generate(
+        self, prompts: list[list[int]], params: GenerateOptions
+    ) -> list[list[GeneratedSample]]:
         """Sample ``params.n`` completions per prompt; results in prompt order."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook

@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.protocol import Capabilities
+from shared.protocol import Capabilities, GenerateOptions
 from shared.wire import GeneratedSample, ScoredSequence
 from teacher_server.backends.base import Backend
 from teacher_server.backends.batcher import MicroBatcher
 from teacher_server.backends.hf_scoring import HeadOutputs, chunk_rows_for, chunked_head_scores
 from teacher_server.config import ServerConfig
-from teacher_server.jobs import GenerateParams, ScoreJob
+from teacher_server.jobs import ScoreJob
 
 log = logging.getLogger(__name__)
 
@@ -186,12 +186,16 @@ class HFBackend(Backend):
         return results
 
     # --------------------------------------------------------------------------------------- generation
-    async def generate(self, prompts: list[list[int]], params: GenerateParams) -> list[list[GeneratedSample]]:
+    async def generate(
+        self, prompts: list[list[int]], params: GenerateOptions
+    ) -> list[list[GeneratedSample]]:
         async with self._gen_lock:  # one generate at a time; scoring keeps its own thread
             return await asyncio.to_thread(self._generate_sync, prompts, params)
 
     @torch.inference_mode()
-    def _generate_sync(self, prompts: list[list[int]], params: GenerateParams) -> list[list[GeneratedSample]]:
+    def _generate_sync(
+        self, prompts: list[list[int]], params: GenerateOptions
+    ) -> list[list[GeneratedSample]]:
         from teacher_server.backends.hf_generate import generate_samples
 
         t0 = time.perf_counter()

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
+from shared.protocol import GenerateOptions
 from shared.wire import GeneratedSample
-from teacher_server.jobs import GenerateParams
 
 
 def _eos_ids(model: Any, tokenizer: Any, extra: list[int] | None) -> list[int]:
@@ -28,7 +28,7 @@ def generate_samples(
     model: Any,
     tokenizer: Any,
     prompts: list[list[int]],
-    params: GenerateParams,
+    params: GenerateOptions,
     device: torch.device,
     max_model_len: int,
 ) -> list[list[GeneratedSample]]:
@@ -75,7 +75,7 @@ def _sample(
     lp: torch.Tensor,
     eos: list[int],
     pad: int,
-    params: GenerateParams,
+    params: GenerateOptions,
     tokenizer: Any,
     max_new: int,
 ) -> GeneratedSample:

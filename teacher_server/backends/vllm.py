@@ -29,13 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from shared.protocol import Capabilities, ScoreOptions
+from shared.protocol import Capabilities, GenerateOptions, ScoreOptions
 from shared.wire import GeneratedSample, ScoredSequence
 from teacher_server.backends.base import Backend
 from teacher_server.backends.vllm_convert import candidate_rows, completion_rows
 from teacher_server.config import ConfigError, ServerConfig
 from teacher_server.errors import UnsupportedRequest
-from teacher_server.jobs import GenerateParams, ScoreJob
+from teacher_server.jobs import ScoreJob
 
 log = logging.getLogger(__name__)
 
@@ -240,14 +240,16 @@ class VLLMBackend(Backend):
         return final
 
     # --------------------------------------------------------------------------------------- generation
-    async def generate(self, prompts: list[list[int]], params: GenerateParams) -> list[list[GeneratedSample]]:
+    async def generate(
+        self, prompts: list[list[int]], params: GenerateOptions
+    ) -> list[list[GeneratedSample]]:
         assert self.engine is not None, "backend not loaded"
         return await _gather_or_cancel(
             [self._generate_one(p, params, index) for index, p in enumerate(prompts)]
         )
 
     async def _generate_one(
-        self, prompt: list[int], params: GenerateParams, index: int
+        self, prompt: list[int], params: GenerateOptions, index: int
     ) -> list[GeneratedSample]:
         # vLLM gives sample j of a request the seed `seed + j`; spacing prompts by n keeps every sample's
         # seed distinct, and a prompt's samples do not depend on what else is in the request.
