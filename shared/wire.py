@@ -81,8 +81,8 @@ def sequence_doc(
     ]
     if len(given) != 1:
         raise WireInputError(
-            f"{where}: give exactly one of prompt_ids (token form), prompt (text form) or messages (chat form); "
-            f"got {given or 'none'}"
+            f"{where}: give exactly one of prompt_ids (token form), prompt (text form) or messages "
+            f"(chat form); got {given or 'none'}"
         )
     if (completion_ids is None) == (completion is None):
         raise WireInputError(f"{where}: give exactly one of completion_ids or completion (text)")
@@ -136,7 +136,8 @@ def prompt_doc(prompt: Any, where: str = "prompt") -> dict[str, Any]:
         keys = set(prompt)
         if len(keys & set(PROMPT_FIELDS)) != 1 or keys - set(PROMPT_FIELDS):
             raise WireInputError(
-                f"{where}: a prompt dict needs exactly one of prompt_ids, prompt or messages, got {sorted(keys)}"
+                f"{where}: a prompt dict needs exactly one of prompt_ids, prompt or messages, "
+                f"got {sorted(keys)}"
             )
         if "prompt_ids" in prompt:
             return {"prompt_ids": ids_array(prompt["prompt_ids"], f"{where}.prompt_ids")}

@@ -182,13 +182,15 @@ def student_topk_loss(
 ) -> torch.Tensor:
     """Top-k reverse KL on the student's support S_t (the ids stored in the rollout pass).
 
-    mode="paper" (default; ``loss.topk_form=paper``): the paper's released code (not its Eq. 5): loss = -token_mean_t sum_{v in S_t} A_t(v) * log p_t(v) with
-        A from :func:`student_topk_advantages`; the K dimension is kept (collapsing it into one scalar per
-        position gives zero gradient on-policy, miles #2362). The value is a surrogate; its gradient is
-        sum_v w(v) (log p(v) - log q(v)) grad log p(v). k = 1 still trains: A = -(log p - log q).
-    mode="direct" (``loss.topk_form=direct``): loss = token_mean_t sum_{v in S_t} pbar(v) (log pbar(v) - log qbar(v)), the KL between the
-        distributions renormalised over S_t (the paper's Eq. 5), differentiated directly. Caveat: at k = 1
-        pbar = qbar = 1, so the loss and its gradient are identically zero.
+    mode="paper" (default, ``loss.topk_form=paper``; the paper's released code, not its Eq. 5):
+        loss = -token_mean_t sum_{v in S_t} A_t(v) * log p_t(v) with A from :func:`student_topk_advantages`;
+        the K dimension is kept (collapsing it into one scalar per position gives zero gradient on-policy,
+        miles #2362). The value is a surrogate; its gradient is sum_v w(v) (log p(v) - log q(v)) grad log p(v).
+        k = 1 still trains: A = -(log p - log q).
+    mode="direct" (``loss.topk_form=direct``): loss = token_mean_t sum_{v in S_t} pbar(v) (log pbar(v) -
+        log qbar(v)), the KL between the distributions renormalised over S_t (the paper's Eq. 5),
+        differentiated directly. Caveat: at k = 1 pbar = qbar = 1, so the loss and its gradient are
+        identically zero.
 
     Args:
         student_logprobs_N_K: (N, K) CURRENT student full-vocab log-probs re-gathered at the stored ids, with

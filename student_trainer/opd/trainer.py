@@ -5,8 +5,8 @@ generate rollouts from the current student and send them to the teacher at once 
 thread), so the teacher scores micro-batch i while micro-batch i+1 is generated. Then forward/backward each
 micro-batch as its scores arrive (gradients accumulate; the loss is the token mean over the whole step across
 processes), clip, and take exactly ONE optimizer step: the student-top-k loss is strictly on-policy
-(docs/OPD.md, section 4 "Strictly on-policy"), and ``losses.assert_on_policy`` enforces it. The step's pieces are the
-typed functions of :mod:`student_trainer.opd.step`, which the probe and the pre-flight call too.
+(docs/OPD.md, section 4 "Strictly on-policy"), and ``losses.assert_on_policy`` enforces it. The step's
+pieces are the typed functions of :mod:`student_trainer.opd.step`, which the probe and the pre-flight call.
 
 A dead teacher is retried with backoff inside the client until ``teacher.max_retry_wait_s``; the step waits
 and continues, so no step is lost or repeated. Checkpoints hold model, optimizer, scheduler, RNG and data
