@@ -5,13 +5,17 @@ The trainer never imports the server: it runs it as a separate process, exactly 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -112,3 +116,32 @@ class TeacherProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: Any, port: int, answer_timeout: float = 30.0) -> Iterator[str]:
+    """Serve an ASGI ``app`` with uvicorn on a thread of this process; yields its URL once ``/health``
+    answers (readiness is the caller's to wait for), and stops the server on exit. For tests that need the
+    app object in hand (a custom backend, an extra surface) where :class:`TeacherProcess` would not do."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + answer_timeout
+        while True:
+            try:
+                httpx.get(url + "/health", timeout=2.0)
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline or not thread.is_alive():
+                    raise RuntimeError(
+                        f"the server on {url} did not answer within {answer_timeout:.0f}s"
+                    ) from None
+                time.sleep(0.05)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -10,9 +10,8 @@ import time
 
 import httpx
 import pytest
-import uvicorn
 
-from devkit.teacher_process import TeacherProcess, free_port
+from devkit.teacher_process import TeacherProcess, free_port, serve_in_thread
 from shared import codec
 from teacher_server.app import create_app
 from teacher_server.backends.hf import HFBackend
@@ -49,17 +48,7 @@ class _GatedBackend(HFBackend):
 def test_ready_only_after_load(tiny_pair):
     config = ServerConfig(model=str(tiny_pair[0]), port=free_port())
     app = create_app(config, backend=_GatedBackend(config))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=config.port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{config.port}"
-    try:
-        for _ in range(100):
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.05)
+    with serve_in_thread(app, config.port) as url:
         assert httpx.get(url + "/health").json() == {"status": "ok", "ready": False}
         assert httpx.get(url + "/ready").status_code == 503
         r = httpx.post(url + "/v1/score", json={"sequences": [SEQ]})
@@ -71,9 +60,6 @@ def test_ready_only_after_load(tiny_pair):
                 break
             time.sleep(0.05)
         assert httpx.post(url + "/v1/score", json={"sequences": [SEQ]}).status_code == 200
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_queue_full_gives_503_with_retry_after(tiny_pair):

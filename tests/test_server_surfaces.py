@@ -8,19 +8,17 @@ backend's ``UnsupportedRequest`` becomes exactly the 422 body the request layer 
 from __future__ import annotations
 
 import ast
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict
 
-from devkit.teacher_process import free_port
+from devkit.teacher_process import free_port, serve_in_thread
 from shared import codec
 from shared.protocol import ScoreOptions, ScoreRequest
 from teacher_server import api, service
@@ -84,23 +82,13 @@ def server(tiny_pair):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("teacher_server.app.SURFACES", (*api.SURFACES, _ExtraSurface))
         app = create_app(config, backend=_RefusingBackend(config))
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=config.port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{config.port}"
-    try:
+    with serve_in_thread(app, config.port) as url:
         for _ in range(600):
-            try:
-                if httpx.get(url + "/ready").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+            if httpx.get(url + "/ready").status_code == 200:
+                break
             time.sleep(0.05)
         assert httpx.get(url + "/ready").status_code == 200
         yield app, url
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
 
 
 def _metric(url: str, line_start: str) -> float:
