@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 # rollout.engine name -> module exposing build()
 ENGINES: dict[str, str] = {
     "hf": "student_trainer.rollout.hf",
+    "vllm": "student_trainer.rollout.vllm",
 }
 
 
