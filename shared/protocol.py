@@ -3,8 +3,9 @@
 Alignment (the one rule everyone must agree on): completion position ``t`` is predicted from
 ``prompt + completion[:t]``. ``logprobs[t]`` is the teacher's log-prob of ``completion_ids[t]`` there,
 ``topk_*[t]`` are the teacher's k most likely next tokens there, ``candidate_logprobs[t][j]`` is the
-teacher's log-prob of ``candidate_ids[t][j]`` there (normalised over the FULL vocabulary) and ``entropy[t]``
-is the entropy of the teacher's whole next-token distribution there (nats).
+teacher's log-prob of ``candidate_ids[t][j]`` there (normalised over the FULL vocabulary: the
+``ModelInfo.normalized_vocab_size`` ids) and ``entropy[t]`` is the entropy of the teacher's whole next-token
+distribution there (nats).
 
 Requests are validated with pydantic (unknown fields are errors, so a typo such as ``topk`` is caught).
 Responses are plain documents whose arrays the codec packs; the ``*Doc`` models here describe them for
@@ -222,6 +223,12 @@ class ModelInfo(BaseModel):
     max_top_k: int
     vocab_size: int = Field(description="tokenizer length: ids must be below it")
     model_vocab_size: int = Field(description="rows of the output layer (may be padded above vocab_size)")
+    normalized_vocab_size: int | None = Field(
+        None,
+        description="ids [0, n) every log-prob, top-k and entropy is normalised over: vocab_size when the "
+        "server excludes padded output rows, model_vocab_size when they share the mass; None = not reported "
+        "(older servers)",
+    )
     tokenizer_fingerprint: str
     chat_template: bool
     eos_token_ids: list[int]

@@ -61,6 +61,12 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 7680
     static_cache: bool = False  # transformers static cache (faster on GPU)
+    shadow_dtype: str | None = None  # hf engine: generate from a bfloat16 copy of fp32 master weights
+    topk_source: str = "engine"  # where S_t comes from: engine (its sampler) | trainer (a no-grad forward)
+    vllm_gpu_memory_utilization: float = 0.3  # vllm engine: its share of the device memory
+    vllm_kv_cache_gib: float | None = None  # vllm engine: an explicit KV cache size instead of the share
+    vllm_max_model_len: int | None = None  # vllm engine: prompt + completion limit (default: the model's)
+    vllm_sleep: bool = True  # vllm engine on GPU: free its KV cache (sleep) during the training phase
 
 
 @dataclass
@@ -69,6 +75,7 @@ class LossConfig:
     top_k: int = 16
     topk_form: str = "paper"  # paper (code semantics) | direct (renormalised, differentiable form)
     chunk_rows: int = 1024  # rows of [tokens, vocab] logits materialised at once
+    allow_biased_sampling: bool = False  # accept rollout.top_p < 1 (the OPD gradient is then biased)
 
 
 @dataclass
@@ -172,8 +179,37 @@ class Config:
         _check(r.temperature > 0, f"rollout.temperature={r.temperature} must be > 0 (on-policy sampling)")
         _check(0 < r.top_p <= 1, f"rollout.top_p={r.top_p} must be in (0, 1]")
         _check(
+            r.top_p == 1 or lo.allow_biased_sampling,
+            f"rollout.top_p={r.top_p} truncates the sampling distribution, but loss.type={lo.type} is the "
+            "gradient of the KL of the untruncated (tempered) distribution: with truncated samples it is "
+            "biased (measured: 18% off the KL gradient at top-p 0.9; docs/OPD.md, 'Temperature, top-p and "
+            "padded rows'); set rollout.top_p=1.0, or loss.allow_biased_sampling=true to accept the bias",
+        )
+        _check(
             r.n >= 1 and r.max_new_tokens >= 1,
             f"rollout.n={r.n} and max_new_tokens={r.max_new_tokens} must be >= 1",
+        )
+        _check(
+            r.shadow_dtype in (None, "bfloat16", "float16", "float32"),
+            f"rollout.shadow_dtype={r.shadow_dtype!r}: use bfloat16 (float16, or float32 for tests), or unset it",
+        )
+        _check(
+            r.shadow_dtype is None or r.engine == "hf",
+            f"rollout.shadow_dtype={r.shadow_dtype} is an option of the hf engine, not of rollout.engine="
+            f"{r.engine} (which keeps its own copy of the weights): unset rollout.shadow_dtype",
+        )
+        _check(
+            r.topk_source in ("engine", "trainer"),
+            f"rollout.topk_source={r.topk_source!r}: use engine (the sampler's record) or trainer (a no-grad "
+            "forward of the training model)",
+        )
+        _check(
+            0 < r.vllm_gpu_memory_utilization <= 1,
+            f"rollout.vllm_gpu_memory_utilization={r.vllm_gpu_memory_utilization} must be in (0, 1]",
+        )
+        _check(
+            r.vllm_kv_cache_gib is None or r.vllm_kv_cache_gib > 0,
+            f"rollout.vllm_kv_cache_gib={r.vllm_kv_cache_gib} must be > 0 (or unset: use the memory share)",
         )
         _check(o.lr > 0, f"optim.lr={o.lr} must be > 0")
         _check(

@@ -51,6 +51,7 @@ class ServerState:
             max_top_k=cfg.max_top_k,
             vocab_size=vocab,
             model_vocab_size=b.model_vocab_size,
+            normalized_vocab_size=b.normalized_vocab_size or b.model_vocab_size,
             tokenizer_fingerprint=tokenizer_fingerprint(tok),
             chat_template=has_template,
             eos_token_ids=[] if eos is None else [eos],

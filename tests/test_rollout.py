@@ -32,19 +32,24 @@ def prompts(student):
     return ids
 
 
-def reference_logprobs(model, prompt: list[int], completion: list[int], vocab_limit: int | None = None):
-    """(T, V) full-vocab log_softmax of a teacher-forced forward on one unpadded sequence."""
+def reference_logprobs(
+    model, prompt: list[int], completion: list[int], vocab_limit: int | None = None, temperature: float = 1.0
+):
+    """(T, V) full-vocab log_softmax(logits / temperature) of a teacher-forced forward on one unpadded
+    sequence: the distribution the engine samples from (before top-p) and records."""
     with torch.no_grad():
         logits = model(torch.tensor([prompt + completion])).logits[0].float()
     rows = logits[len(prompt) - 1 : len(prompt) - 1 + len(completion)]
     if vocab_limit is not None:
         rows = rows[:, :vocab_limit]
-    return rows.log_softmax(-1)
+    return (rows / temperature).log_softmax(-1)
 
 
-def check_against_reference(model, s: RolloutSample, vocab_limit: int | None = None) -> None:
+def check_against_reference(
+    model, s: RolloutSample, vocab_limit: int | None = None, temperature: float = 1.0
+) -> None:
     comp = s.completion_ids.tolist()
-    ref_T_V = reference_logprobs(model, s.prompt_ids.tolist(), comp, vocab_limit)
+    ref_T_V = reference_logprobs(model, s.prompt_ids.tolist(), comp, vocab_limit, temperature)
     k = s.topk_ids.shape[1]
     assert s.topk_ids.shape == (len(comp), k) and s.topk_logprobs.shape == (len(comp), k)
     torch.testing.assert_close(s.topk_logprobs, ref_T_V.topk(k, dim=-1).values, **TOL)
@@ -73,7 +78,9 @@ def test_recorded_topk_matches_teacher_forced_forward_with_padding_eos_and_group
             assert comp[-1] in eos and not set(comp[:-1]) & set(eos)
         else:
             assert len(comp) == 12 and not set(comp) & set(eos)
-        check_against_reference(model, s)
+        check_against_reference(model, s, temperature=0.8)  # the tempered distribution, before top-p
+        with pytest.raises(AssertionError):  # not the raw one
+            check_against_reference(model, s)
     assert batch.num_tokens == sum(len(s.completion_ids) for s in batch.samples)
     assert batch.eos_rate == pytest.approx(sum(finished) / 12)
 
@@ -132,7 +139,7 @@ def test_first_token_is_sampled_from_the_configured_distribution(student, prompt
     batch = engine.generate(prompts[:1], n=n, temperature=temperature, top_p=top_p, max_new_tokens=1, seed=11)
     with torch.no_grad():
         logits_V = model(torch.tensor([prompts[0]])).logits[0, -1].float()
-    logp_V = logits_V.log_softmax(-1)
+    logp_V = (logits_V / temperature).log_softmax(-1)  # what the engine records: tempered, before top-p
     q_V = _warped_probs(logits_V, temperature, top_p)
     support = q_V > 0
     mean = float((q_V[support] * logp_V[support]).sum())

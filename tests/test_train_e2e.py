@@ -2,7 +2,7 @@
 tokenizer, real HTTP, real optimisation.
 
 - every loss variant lowers the reverse KL and raises the top-k overlap over a short run;
-- `accelerate launch --num_processes 2 --cpu` runs the same loop in two processes;
+- two processes (torchrun + accelerate, gloo) run the same loop;
 - killing the teacher mid-run and restarting it loses and repeats no step (the per-step losses equal an
   uninterrupted run's);
 - killing the trainer and `--resume` gives the same per-step losses as an uninterrupted run.
@@ -168,29 +168,24 @@ def test_trainer_killed_and_resumed_matches_uninterrupted_run(tiny_pair, prompts
     np.testing.assert_allclose([r["opd/loss"] for r in rows], ref, rtol=1e-4)
 
 
-def test_two_processes_with_accelerate_launch(tiny_pair, hf_teacher, prompts, tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "2",
-        "--cpu",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "student_trainer",
-        "train",
-        *overrides(tiny_pair[1], hf_teacher.url, prompts, tmp_path, 3),
-    ]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-    )
+def launch_two_processes(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """``student-trainer train`` in 2 CPU processes (gloo). Not ``accelerate launch --cpu
+    --num_processes 2``: on one machine that starts ONE process (accelerate's simple launcher); torchrun
+    with ``ACCELERATE_USE_CPU`` is what gives accelerate a 2-process MULTI_CPU world."""
+    from devkit.teacher_process import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(free_port())]  # 0 is not "any port" for torchrun: the workers hang
+    cmd += ["-m", "student_trainer", "train", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "true"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "distributed: 2 process(es), DistributedType.MULTI_CPU" in proc.stdout, proc.stdout[-3000:]
+    return proc
+
+
+def test_two_processes_with_torchrun(tiny_pair, hf_teacher, prompts, tmp_path):
+    launch_two_processes(overrides(tiny_pair[1], hf_teacher.url, prompts, tmp_path, 3))
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]  # rank 0 writes once per step
     assert all(r["rollout/tokens"] > 0 and np.isfinite(r["opd/loss"]) for r in rows)

@@ -232,6 +232,9 @@ def test_model_info_reports_capabilities_truthfully(vllm_server, hf_server):
     }
     for key in ("vocab_size", "model_vocab_size", "tokenizer_fingerprint", "chat_template", "eos_token_ids"):
         assert v[key] == h[key], key
+    # what each normalises over: vLLM every output row, the hf backend the tokenizer's ids
+    assert v["normalized_vocab_size"] == v["model_vocab_size"]
+    assert h["normalized_vocab_size"] == h["vocab_size"]
 
 
 @pytest.mark.parametrize(

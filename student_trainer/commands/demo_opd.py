@@ -2,6 +2,7 @@
 
   student-trainer demo                          # 300 OPD steps (~2 min), writes runs/demo_opd/
   student-trainer demo --steps 300 --workdir /tmp/demo
+  student-trainer demo --engine vllm             # the same run with the colocated vLLM rollout engine
 
 The shipped student (a 2-layer Qwen3, student_trainer/lab/models/student) adds 1- and 2-digit numbers
 right to left with explicit carries ("45+78=" -> "5+8+0=13;4+7+1=12;123") and has never seen a 3-digit
@@ -32,6 +33,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--engine",
+        choices=("hf", "vllm"),
+        default="hf",
+        help="rollout engine: hf (transformers generate, default) or vllm (colocated vLLM; needs vllm)",
+    )
     p.add_argument("--models", help="folder with teacher_a/ and student/ (default: the shipped lab models)")
 
 
@@ -102,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
             lr=args.lr,
             eval_every=args.eval_every,
             log_every=args.eval_every,
+            engine=args.engine,
         )
         if (work / "opd" / "metrics.jsonl").exists():
             (work / "opd" / "metrics.jsonl").unlink()  # a fresh run in the same workdir

@@ -41,6 +41,7 @@ def lab_config(
     teacher_prompt: str = world.TEACHER_TEMPLATE,
     log_every: int = 1,
     progress_bar: bool = False,
+    engine: str = "hf",
 ) -> Config:
     """The ``train`` config of a lab run (the same dict ``student-trainer train --config`` would read).
 
@@ -58,7 +59,13 @@ def lab_config(
             "teacher_prompt": teacher_prompt,
             "seed": seed,
         },
-        "rollout": {"n": 1, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": MAX_NEW_TOKENS},
+        "rollout": {
+            "n": 1,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "max_new_tokens": MAX_NEW_TOKENS,
+            "engine": engine,
+        },
         "loss": {"type": "student_topk", "top_k": top_k},
         "optim": {"lr": lr, "schedule": "constant", "grad_clip": 1.0, "weight_decay": 0.01},
         "train": {
@@ -79,6 +86,8 @@ def lab_config(
         },
         "logging": {"trackers": [], "plot": False, "progress_bar": progress_bar},
     }
+    if engine == "vllm":  # a small fixed KV cache: these prompts + completions are < 64 tokens
+        doc["rollout"].update(vllm_kv_cache_gib=0.125, vllm_max_model_len=128)
     return from_dict(doc)
 
 

@@ -32,6 +32,7 @@ class OPDBatch:
     teacher_topk_logprobs_N_k: torch.Tensor
     teacher_candidate_logprobs_N_K: torch.Tensor | None
     teacher_entropy_N: torch.Tensor | None
+    engine_logprob_N: torch.Tensor | None = None  # the rollout engine's log-prob of each sampled token
 
     @property
     def num_tokens(self) -> int:
@@ -73,6 +74,7 @@ def build_batch(
         packed=packed,
         student_topk_ids_N_K=torch.cat([s.topk_ids for s in samples]).long(),
         student_topk_logprobs_N_K=torch.cat([s.topk_logprobs for s in samples]).float(),
+        engine_logprob_N=torch.cat([s.sampled_logprobs for s in samples]).float(),
         teacher_logprob_N=_cat([sc.logprobs for sc in scores], torch.float32),
         teacher_topk_ids_N_k=_cat([sc.topk_ids for sc in scores], torch.long),
         teacher_topk_logprobs_N_k=_cat([sc.topk_logprobs for sc in scores], torch.float32),

@@ -7,9 +7,11 @@ gradient is needed), so the extra memory is O(chunk_rows * V) whatever N is, plu
 
 API (what the training loop calls)
 ----------------------------------
-``gather_logprobs(hidden_N_H, head, ids_N_M, top_k=0, want_entropy=False) -> GatheredLogprobs``
-    The student's log-probs at M ids per row, normalised over the full vocabulary, differentiable w.r.t. the
-    hidden states and the head. ``.logprobs_N_M`` carries the gradient; ``.entropy_N``, ``.topk_ids_N_k``
+``gather_logprobs(hidden_N_H, head, ids_N_M, top_k=0, want_entropy=False, temperature=1.0,
+vocab_size=None) -> GatheredLogprobs``
+    The student's log-probs at M ids per row, log_softmax(logits / temperature) normalised over the first
+    ``vocab_size`` ids (the tokenizer's; default every row of the head), differentiable w.r.t. the hidden
+    states and the head. ``.logprobs_N_M`` carries the gradient; ``.entropy_N``, ``.topk_ids_N_k``
     and ``.topk_logprobs_N_k`` are extras without gradient (metrics; the rollout pass's stored top-k).
 ``full_vocab_reverse_kl(hidden_N_H, head, teacher_logits) -> FullVocabKL``
     Exact KL(p || q) per row over the whole vocabulary against an in-process teacher, differentiable w.r.t.
@@ -101,6 +103,14 @@ def _chunk_logits(
     return logits_C_V
 
 
+def _mask_padded_(logits_C_V: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Columns >= ``vocab`` (padded output rows, not tokens) to -inf, in place: out of the normaliser, the
+    entropy and the top-k, and p = 0 there, so they get no gradient."""
+    if vocab < logits_C_V.shape[1]:
+        logits_C_V[:, vocab:] = float("-inf")
+    return logits_C_V
+
+
 def _entropy_from_logprobs_(logp_C_V: torch.Tensor, p_C_V: torch.Tensor) -> torch.Tensor:
     """H = -sum p log p per row, with no extra [C, V] buffer: clamps ``logp_C_V`` (so that p = 0, log p = -inf
     adds 0, not NaN) and overwrites ``p_C_V`` with p * log p. An elementwise sum, not a matmul, so that
@@ -177,8 +187,8 @@ def _check_ids(name: str, ids: torch.Tensor, rows: int, vocab: int, dims: int) -
         raise ValueError(f"{name} must be an integer tensor, got {ids.dtype}")
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
         raise ValueError(
-            f"{name} must lie in [0, {vocab}) (the head's vocabulary), got min {int(ids.min())} "
-            f"max {int(ids.max())}"
+            f"{name} must lie in [0, {vocab}) (the vocabulary: vocab_size, else the head's rows), got min "
+            f"{int(ids.min())} max {int(ids.max())}"
         )
 
 
@@ -189,7 +199,7 @@ class _GatherLogprobs(torch.autograd.Function):
     """log p(ids) per row; saves (hidden, weight, bias, ids, lse_N) and recomputes the logits in backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, chunk_rows, temperature, top_k, want_entropy, sink):
+    def forward(ctx, hidden, weight, bias, ids, chunk_rows, temperature, vocab, top_k, want_entropy, sink):
         n, m = ids.shape
         cdt = _compute_dtype(hidden, weight)
         acc = _acc(cdt)
@@ -202,7 +212,7 @@ class _GatherLogprobs(torch.autograd.Function):
             w, b = weight.to(cdt), None if bias is None else bias.to(cdt)
             for start in range(0, n, chunk_rows):
                 rows = slice(start, start + chunk_rows)
-                logits = _chunk_logits(hidden[rows], w, b, temperature)
+                logits = _mask_padded_(_chunk_logits(hidden[rows], w, b, temperature), vocab)
                 lse = torch.logsumexp(logits, dim=-1)
                 lse_N[rows] = lse
                 out[rows] = logits.gather(1, ids[rows]) - lse[:, None]
@@ -214,7 +224,7 @@ class _GatherLogprobs(torch.autograd.Function):
                     ent_N[rows] = _entropy_from_logprobs_(logits, logits.exp())
                 del logits  # before the next chunk's matmul, or two chunks' logits would be alive
         ctx.save_for_backward(hidden, weight, bias, ids, lse_N)
-        ctx.chunk_rows, ctx.temperature, ctx.cdt = chunk_rows, temperature, cdt
+        ctx.chunk_rows, ctx.temperature, ctx.cdt, ctx.vocab = chunk_rows, temperature, cdt, vocab
         sink.update(entropy=ent_N, topk_ids=topi if top_k else None, topk_logprobs=topv if top_k else None)
         return out
 
@@ -229,14 +239,14 @@ class _GatherLogprobs(torch.autograd.Function):
                 rows = slice(start, start + ctx.chunk_rows)
                 g = g_N_M[rows]
                 # d log p(v_m) / d z = onehot(v_m) - p, so dz = scatter(g) - p * sum_m g (in place: one buffer)
-                dz = _chunk_logits(hidden[rows], w, b, ctx.temperature)
+                dz = _mask_padded_(_chunk_logits(hidden[rows], w, b, ctx.temperature), ctx.vocab)
                 dz.sub_(lse_N[rows, None]).exp_().mul_(-g.sum(1, keepdim=True))
                 dz.scatter_add_(1, ids[rows], g)
                 if ctx.temperature != 1.0:
                     dz.div_(ctx.temperature)
                 _head_grads_(dz, hidden[rows], w, grads, rows)
                 del dz
-        return *_returned_grads(grads, weight, bias), None, None, None, None, None, None
+        return *_returned_grads(grads, weight, bias), None, None, None, None, None, None, None
 
 
 def _gather_checkpointed(
@@ -245,6 +255,7 @@ def _gather_checkpointed(
     ids_N_M: torch.Tensor,
     chunk_rows: int,
     temperature: float,
+    vocab: int,
     top_k: int,
     want_entropy: bool,
 ) -> GatheredLogprobs:
@@ -253,6 +264,10 @@ def _gather_checkpointed(
         logits = logits.to(_acc(logits.dtype))
         if temperature != 1.0:
             logits = logits / temperature
+        if vocab < logits.shape[1]:  # padded rows, not tokens: out of the normaliser (see _mask_padded_)
+            logits = logits.masked_fill(
+                torch.arange(logits.shape[1], device=logits.device) >= vocab, -torch.inf
+            )
         logp = torch.log_softmax(logits, dim=-1)
         extras = []
         with torch.no_grad():
@@ -283,37 +298,50 @@ def gather_logprobs(
     top_k: int = 0,
     want_entropy: bool = False,
     temperature: float = 1.0,
+    vocab_size: int | None = None,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     method: Literal["recompute", "checkpoint"] = "recompute",
 ) -> GatheredLogprobs:
-    """Student log-probs at given ids, normalised over the full vocabulary, in row chunks.
+    """Student log-probs at given ids, normalised over the vocabulary (the first ``vocab_size`` ids), in
+    row chunks.
 
     Args:
         hidden_N_H: (N, H) final hidden states of the positions (already flattened and masked).
         head: the output layer, ``nn.Linear`` with weight (V, H) (optional bias; tied weights are fine).
-        ids_N_M: (N, M) int64 ids in [0, V) whose log-probs are wanted (duplicates allowed).
+        ids_N_M: (N, M) int64 ids in [0, vocab_size) whose log-probs are wanted (duplicates allowed).
         top_k: also return the top-k ids and log-probs per row (no gradient); 0 = no.
         want_entropy: also return H(p) per row in nats (no gradient).
         temperature: logits are divided by it first (the rollout temperature; 1.0 in the paper).
+        vocab_size: normalise over ids [0, vocab_size) only (the tokenizer's length when the output layer is
+            padded, Qwen: 151,669 of 151,936 rows): the rows above get no mass, no entropy, no top-k place
+            and no gradient. None = every row of the head.
         chunk_rows: rows per chunk; extra memory ~ chunk_rows * V * 4 bytes (x2 in forward).
         method: "recompute" (custom autograd.Function, default) or "checkpoint" (torch.utils.checkpoint).
     Returns:
         :class:`GatheredLogprobs`; ``logprobs_N_M`` (N, M) fp32 is differentiable w.r.t. hidden and head.
     """
     _check_inputs(hidden_N_H, head, chunk_rows, top_k)
-    _check_ids("ids_N_M", ids_N_M, hidden_N_H.shape[0], head.weight.shape[0], dims=2)
+    rows_v = head.weight.shape[0]
+    vocab = rows_v if vocab_size is None else vocab_size
+    if not 0 < vocab <= rows_v:
+        raise ValueError(f"vocab_size must be in 1..{rows_v} (the head's rows), got {vocab_size}")
+    if top_k > vocab:
+        raise ValueError(f"top_k={top_k} exceeds vocab_size={vocab}")
+    _check_ids("ids_N_M", ids_N_M, hidden_N_H.shape[0], vocab, dims=2)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     ids_N_M = ids_N_M.long()
     if method == "checkpoint":
-        return _gather_checkpointed(hidden_N_H, head, ids_N_M, chunk_rows, temperature, top_k, want_entropy)
+        return _gather_checkpointed(
+            hidden_N_H, head, ids_N_M, chunk_rows, temperature, vocab, top_k, want_entropy
+        )
     if method != "recompute":
         raise ValueError(f"method must be 'recompute' or 'checkpoint', got {method!r}")
     if not isinstance(head, torch.nn.Linear):
         raise ValueError(f"method='recompute' needs an nn.Linear head, got {type(head).__name__}")
     sink: dict[str, torch.Tensor | None] = {}
     lp = _GatherLogprobs.apply(
-        hidden_N_H, head.weight, head.bias, ids_N_M, chunk_rows, temperature, top_k, want_entropy, sink
+        hidden_N_H, head.weight, head.bias, ids_N_M, chunk_rows, temperature, vocab, top_k, want_entropy, sink
     )
     return GatheredLogprobs(lp, sink["entropy"], sink["topk_ids"], sink["topk_logprobs"])
 
@@ -321,12 +349,18 @@ def gather_logprobs(
 # ---------------------------------------------------------------------------------- full-vocabulary KL
 
 
-def head_logits(teacher_hidden_N_H: torch.Tensor, teacher_head: torch.nn.Module) -> TeacherLogits:
-    """A ``teacher_logits(start, stop)`` callable from an in-process teacher's final hidden states."""
+def head_logits(
+    teacher_hidden_N_H: torch.Tensor, teacher_head: torch.nn.Module, temperature: float = 1.0
+) -> TeacherLogits:
+    """A ``teacher_logits(start, stop)`` callable from an in-process teacher's final hidden states; the
+    logits are divided by ``temperature`` (the rollout's, so that both sides of the KL are tempered)."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
 
     def teacher_logits(start: int, stop: int) -> torch.Tensor:
         with torch.no_grad():
-            return teacher_head(teacher_hidden_N_H[start:stop].detach())
+            logits = teacher_head(teacher_hidden_N_H[start:stop].detach())
+            return logits if temperature == 1.0 else logits.float() / temperature
 
     teacher_logits.returns_fresh_tensor = True  # type: ignore[attr-defined]  # may be normalised in place
     return teacher_logits
@@ -470,7 +504,8 @@ def full_vocab_reverse_kl(
             sides over them; needed when the configs pad the vocabulary differently (V_s != V_t).
         sample_ids_N: (N,) sampled ids; if given, both sides' log-probs there are returned (no grad).
         top_k: also return each side's top-k ids and log-probs (no grad), for the overlap metrics.
-        temperature: the student's logits are divided by it (the teacher's callable applies its own).
+        temperature: the student's logits are divided by it; the teacher's callable must apply the same
+            one (``head_logits(..., temperature)``) for the KL of the tempered distributions.
         teacher_logprob_floor: teacher log-probs below it are raised to it, so a teacher that gives an id zero
             probability yields a large finite KL instead of inf/NaN (see ``losses.TEACHER_LOGPROB_FLOOR``).
         chunk_rows: rows per chunk; extra memory ~ 3 * chunk_rows * V * 4 bytes.

@@ -34,7 +34,8 @@ class LossInputs:
     head: torch.nn.Module
     chunk_rows: int
     teacher_logits: Callable[[int, int], torch.Tensor] | None = None  # in-process teacher, rows [a, b)
-    vocab_size: int | None = None
+    vocab_size: int | None = None  # normalise over the tokenizer's ids (padded output rows excluded)
+    temperature: float = 1.0  # the rollout temperature: both sides' logits are divided by it
 
     @property
     def num_student_topk(self) -> int:
@@ -95,6 +96,7 @@ def _full_vocab(x: LossInputs) -> torch.Tensor:
         x.teacher_logits,
         vocab_size=x.vocab_size,
         sample_ids_N=x.batch.packed.targets_N,
+        temperature=x.temperature,
         chunk_rows=x.chunk_rows,
     )
     return losses.full_vocab_loss(kl.kl_N, None, x.normalizer)

@@ -41,16 +41,37 @@ class MetricTotals:
     names: tuple[str, ...]
     sums_M: torch.Tensor  # (M,)
     counts_M: torch.Tensor  # (M,)
+    peak_names: tuple[str, ...] = ()  # maxima (combined with max, all-reduced with max)
+    peaks_P: torch.Tensor | None = None  # (P,)
 
     def __add__(self, other: MetricTotals) -> MetricTotals:
-        if self.names != other.names:
+        if self.names != other.names or self.peak_names != other.peak_names:
             raise ValueError(f"cannot add metric totals with different keys: {self.names} vs {other.names}")
-        return MetricTotals(self.names, self.sums_M + other.sums_M, self.counts_M + other.counts_M)
+        peaks = None if self.peaks_P is None else torch.maximum(self.peaks_P, other.peaks_P)
+        return MetricTotals(
+            self.names, self.sums_M + other.sums_M, self.counts_M + other.counts_M, self.peak_names, peaks
+        )
+
+    def join(self, other: MetricTotals) -> MetricTotals:
+        """Both sets of keys in one (the keys must differ)."""
+        if set(self.names) & set(other.names) or set(self.peak_names) & set(other.peak_names):
+            raise ValueError(f"cannot join metric totals sharing keys: {self.names} and {other.names}")
+        peaks = [p for p in (self.peaks_P, other.peaks_P) if p is not None]
+        return MetricTotals(
+            self.names + other.names,
+            torch.cat([self.sums_M, other.sums_M.to(self.sums_M.device)]),
+            torch.cat([self.counts_M, other.counts_M.to(self.counts_M.device)]),
+            self.peak_names + other.peak_names,
+            torch.cat([p.to(self.sums_M.device) for p in peaks]) if peaks else None,
+        )
 
     def means(self) -> dict[str, float]:
-        """sum / count per key (keys with count 0 are omitted); one device-to-host copy."""
+        """sum / count per key (keys with count 0 are omitted), and the peaks; one device-to-host copy."""
         sums, counts = self.sums_M.tolist(), self.counts_M.tolist()
-        return {n: s / c for n, s, c in zip(self.names, sums, counts, strict=True) if c > 0}
+        out = {n: s / c for n, s, c in zip(self.names, sums, counts, strict=True) if c > 0}
+        if self.peaks_P is not None:
+            out.update(zip(self.peak_names, self.peaks_P.tolist(), strict=True))
+        return out
 
 
 def _select(x: torch.Tensor | None, keep_N: torch.Tensor | None, name: str, n: int) -> torch.Tensor | None:

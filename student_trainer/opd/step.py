@@ -5,9 +5,13 @@ pre-flight measure with them, so a number the probe prints is the number ``train
     batches, times = rollout_phase(engine, teacher, micro, cfg, step=s, rank=r, autocast=acc.autocast)
     for mb in batches:                                   # scored while the next micro-batch was sampled
         batch = build_batch(mb.rollouts.samples, mb.pending.result().scores, pad_id, device, spec)
-        loss, totals = forward(policy, policy.head, batch, cfg.loss, spec, normalizer)
+        loss, totals = forward(policy, policy.head, batch, cfg.loss, spec, normalizer,
+                               temperature=cfg.rollout.temperature, vocab_size=len(tokenizer))
 
 Rollouts are seeded by :func:`rollout_seed` from the position in training alone, so ``--resume`` replays.
+The objective is the KL of the distributions the tokens are sampled from: at ``rollout.temperature`` T the
+student's log-probs (rollout record, training forward) and the teacher's are all log_softmax(logits / T),
+normalised over the tokenizer's ids (docs/OPD.md, "Temperature, top-p and padded rows").
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 
 from student_trainer.opd.batch import OPDBatch
 from student_trainer.opd.chunked import gather_logprobs
+from student_trainer.opd.engine_gap import engine_gap_totals
 from student_trainer.opd.loss_table import LossInputs, LossSpec
 from student_trainer.opd.metrics import MetricTotals, opd_metric_totals
 
@@ -83,17 +88,25 @@ def rollout_phase(
     step: int,
     rank: int,
     autocast: Autocast,
+    rescore: Callable[[RolloutBatch], None] | None = None,
 ) -> tuple[list[MicroBatch], dict[str, float]]:
     """Sample each micro-batch and hand it to the teacher at once, so the teacher scores micro-batch i while
     i + 1 is sampled (``train.overlap_scoring=false``: wait for each answer first, the sequential baseline).
-    Returns the micro-batches in flight and the phase's times (``generate``, ``teacher_wait``)."""
-    times = {"generate": 0.0, "teacher_wait": 0.0}
+    ``rescore`` (``rollout.topk_source=trainer``): replaces the recorded top-k before the teacher is asked.
+    Returns the micro-batches in flight and the phase's times (``generate``, ``topk_forward``,
+    ``teacher_wait``)."""
+    times = {"generate": 0.0, "topk_forward": 0.0, "teacher_wait": 0.0}
     batches = []
     for i, prompts in enumerate(micro):
         g0 = time.perf_counter()
         rollouts = sample(engine, prompts, cfg, rollout_seed(cfg.train.seed, step, rank, i), autocast)
         times["generate"] += time.perf_counter() - g0
-        pending = teacher.submit(prompts, rollouts, cfg.loss.top_k)
+        if rescore is not None:
+            r0 = time.perf_counter()
+            with autocast():
+                rescore(rollouts)
+            times["topk_forward"] += time.perf_counter() - r0
+        pending = teacher.submit(prompts, rollouts, cfg.loss.top_k, temperature=cfg.rollout.temperature)
         if not cfg.train.overlap_scoring:
             w0 = time.perf_counter()
             pending.wait()
@@ -112,13 +125,18 @@ def forward(
     *,
     teacher_logits: Callable[[int, int], torch.Tensor] | None = None,
     vocab_size: int | None = None,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor | None, MetricTotals]:
     """The student's forward on one micro-batch (``policy``: a ``HiddenStatesLM``, possibly wrapped by
     accelerate; ``head``: its output layer): the loss of ``spec`` (its share of the step's token mean,
     ``normalizer`` = the step's token count) and the metric totals. ``spec=None``: metrics only, no graph.
 
     One chunked pass over the output layer gathers every id set: the sampled token, the stored student top-k
-    S_t and, for a loss that reads them, the teacher's top-k (column layout: ``opd.loss_table``).
+    S_t and, for a loss that reads them, the teacher's top-k (column layout: ``opd.loss_table``), as
+    log_softmax(logits / ``temperature``) over the first ``vocab_size`` ids (the tokenizer's; None = every
+    output row): pass the rollout temperature, so the loss differentiates the distribution that sampled
+    the tokens (the teacher's scores must be at the same temperature). ``teacher_logits`` (in-process
+    teacher, full_vocab) must already be divided by it.
     """
     hidden_B_L_H = policy(batch.packed.input_ids_B_L, batch.packed.attention_mask_B_L)
     hidden_N_H = batch.packed.hidden_at_completion(hidden_B_L_H)
@@ -126,12 +144,15 @@ def forward(
     if spec is not None and spec.gathers_teacher_topk:
         ids.append(batch.teacher_topk_ids_N_k)
     ids_N_M = torch.cat(ids, 1)
-    rows = loss_cfg.chunk_rows
+    # a tokenizer longer than the output layer: the ids past its rows cannot be sampled anyway
+    vocab = None if vocab_size is None else min(vocab_size, head.weight.shape[0])
+    opts = dict(want_entropy=True, temperature=temperature, vocab_size=vocab, chunk_rows=loss_cfg.chunk_rows)
+    opts["top_k"] = batch.student_topk_ids_N_K.shape[1]  # the trainer's own S_t: rollout/topk_mismatch
     if spec is not None and spec.differentiates_gather:
-        g = gather_logprobs(hidden_N_H, head, ids_N_M, want_entropy=True, chunk_rows=rows)
+        g = gather_logprobs(hidden_N_H, head, ids_N_M, **opts)
     else:
         with torch.no_grad():
-            g = gather_logprobs(hidden_N_H.detach(), head, ids_N_M, want_entropy=True, chunk_rows=rows)
+            g = gather_logprobs(hidden_N_H.detach(), head, ids_N_M, **opts)
     loss = None
     if spec is not None:
         inputs = LossInputs(
@@ -141,18 +162,25 @@ def forward(
             topk_form=loss_cfg.topk_form,
             hidden_N_H=hidden_N_H,
             head=head,
-            chunk_rows=rows,
+            chunk_rows=loss_cfg.chunk_rows,
             teacher_logits=teacher_logits,
             vocab_size=vocab_size,
+            temperature=temperature,
         )
         loss = spec.compute(inputs)
-    return loss, metric_totals(batch, g.logprobs_N_M.detach(), g.entropy_N)
+    return loss, metric_totals(batch, g.logprobs_N_M.detach(), g.entropy_N, g.topk_ids_N_k)
 
 
-def metric_totals(batch: OPDBatch, logprobs_N_M: torch.Tensor, entropy_N: torch.Tensor) -> MetricTotals:
-    """The paper's metrics (``opd.metrics``) from the gathered student log-probs and the teacher's scores."""
+def metric_totals(
+    batch: OPDBatch,
+    logprobs_N_M: torch.Tensor,
+    entropy_N: torch.Tensor,
+    trainer_topk_ids_N_K: torch.Tensor | None = None,
+) -> MetricTotals:
+    """The paper's metrics (``opd.metrics``) from the gathered student log-probs and the teacher's scores,
+    joined with the rollout engine's gap to the training forward (``opd.engine_gap``)."""
     k = batch.student_topk_ids_N_K.shape[1]
-    return opd_metric_totals(
+    totals = opd_metric_totals(
         student_topk_ids_N_k=batch.student_topk_ids_N_K,
         student_topk_logprobs_N_k=logprobs_N_M[:, 1 : 1 + k],
         teacher_topk_ids_N_k=batch.teacher_topk_ids_N_k,
@@ -163,3 +191,9 @@ def metric_totals(batch: OPDBatch, logprobs_N_M: torch.Tensor, entropy_N: torch.
         student_entropy_N=entropy_N,
         teacher_entropy_N=batch.teacher_entropy_N,
     )
+    if batch.engine_logprob_N is None:
+        return totals
+    gap = engine_gap_totals(
+        batch.engine_logprob_N, logprobs_N_M[:, 0], batch.student_topk_ids_N_K, trainer_topk_ids_N_K
+    )
+    return totals.join(gap)

@@ -105,6 +105,28 @@ class OPDTrainer:
 
         model = self.acc.unwrap_model(self.policy).causal_lm
         self.engine = build_rollout_engine(self.cfg, model, self.tokenizer, self.acc)
+        self._rescore = None
+        if self.cfg.rollout.topk_source == "trainer":
+            from functools import partial
+
+            from student_trainer.opd.engine_gap import trainer_topk
+
+            self._rescore = partial(
+                trainer_topk,
+                self.policy,
+                self.acc.unwrap_model(self.policy).head,
+                pad_id=self.pad_id,
+                device=self.acc.device,
+                temperature=self.cfg.rollout.temperature,
+                vocab_size=len(self.tokenizer),
+                chunk_rows=self.cfg.loss.chunk_rows,
+            )
+        r = self.cfg.rollout
+        self.acc.print(
+            f"rollouts: engine {r.engine} ({type(self.engine).__name__}), student top-k from {r.topk_source}; "
+            f"distributed: {self.acc.num_processes} process(es), {self.acc.distributed_type}, "
+            f"mixed precision {self.acc.mixed_precision}"
+        )
 
     def _maybe_resume(self) -> int:
         last = checkpoint.latest_checkpoint(self.out)
@@ -113,6 +135,8 @@ class OPDTrainer:
             return 0
         state = checkpoint.load(self.acc, last)
         self.stream.load_state_dict(state["data_position"])
+        # an engine holding its own copy of the weights (vllm, shadow) must sample the resumed ones
+        self.engine.sync_weights(self.acc.unwrap_model(self.policy).causal_lm)
         self.engine.policy_version = state["step"]
         self.acc.print(f"resumed from {last} (step {state['step']})")
         return int(state["step"])
@@ -169,8 +193,16 @@ class OPDTrainer:
         prompts = self.stream.take(tc.prompts_per_step)[rank::world]
         micro = split_micro(prompts, tc.micro_batch_prompts)
         batches, times = rollout_phase(
-            self.engine, self.teacher, micro, self.cfg, step=step, rank=rank, autocast=self.acc.autocast
+            self.engine,
+            self.teacher,
+            micro,
+            self.cfg,
+            step=step,
+            rank=rank,
+            autocast=self.acc.autocast,
+            rescore=self._rescore,
         )
+        self.engine.sleep()  # vllm on CUDA: its KV cache and weights make room for the training phase
         local_tokens = sum(mb.num_tokens for mb in batches)
         step_tokens = float(self.acc.reduce(torch.tensor(float(local_tokens), device=self.acc.device), "sum"))
         totals, loss_sum = self._train_phase(batches, step_tokens, times)
@@ -180,8 +212,10 @@ class OPDTrainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.engine.sync_weights(self.acc.unwrap_model(self.policy).causal_lm)
         times["optimizer"] = time.perf_counter() - o0
+        s0 = time.perf_counter()
+        self.engine.sync_weights(self.acc.unwrap_model(self.policy).causal_lm)
+        times["weight_sync"] = time.perf_counter() - s0
         times["step"] = time.perf_counter() - t0
         samples = [s for mb in batches for s in mb.rollouts.samples]
         return self._step_metrics(step, totals, loss_sum, samples, step_tokens, grad_norm, times)
@@ -218,6 +252,7 @@ class OPDTrainer:
                 step_tokens / self.acc.num_processes,
                 teacher_logits=scores.logits,
                 vocab_size=len(self.tokenizer),
+                temperature=self.cfg.rollout.temperature,
             )
             self.acc.backward(loss)
         return loss.detach() / self.acc.num_processes, totals
@@ -230,6 +265,9 @@ class OPDTrainer:
         opd = {
             n: s / c for n, s, c in zip(totals.names, sums.tolist(), counts.tolist(), strict=True) if c > 0
         }
+        if totals.peaks_P is not None:
+            peaks = acc.gather(totals.peaks_P.to(acc.device)[None]).amax(0)
+            opd.update(zip(totals.peak_names, peaks.tolist(), strict=True))
         local = torch.tensor(
             [
                 loss_sum,
@@ -250,6 +288,7 @@ class OPDTrainer:
             "rollout/response_length": step_tokens / max(1.0, n_samples),
             "rollout/eos_rate": n_eos / max(1.0, n_samples),
             "rollout/tokens": step_tokens,
+            "rollout/weight_sync_s": self.engine.last_sync_s,
             "optim/lr": self.scheduler.get_last_lr()[0],
             "optim/grad_norm": None if grad_norm is None else float(grad_norm),
             "time/tokens_per_s": step_tokens / times["step"],
@@ -296,6 +335,7 @@ class OPDTrainer:
                 if png:
                     self.acc.print(f"plot: {png}")
             self.acc.print(f"saved the student to {self.out}")
+        self.engine.close()
         self.acc.end_training()
         self.teacher.close()
         return self.out

@@ -337,11 +337,21 @@ class Prober:
         from student_trainer.opd.batch import build_batch
         from student_trainer.opd.step import forward
 
-        scores = self.teacher.submit(prompts, rollouts, self.cfg.loss.top_k).result()
+        t = self.cfg.rollout.temperature
+        scores = self.teacher.submit(prompts, rollouts, self.cfg.loss.top_k, temperature=t).result()
         batch = build_batch(rollouts.samples, scores.scores, self.pad_id, self.acc.device)
         with torch.no_grad(), self.acc.autocast():
-            # the metrics do not depend on the loss variant: no loss, no graph
-            _, totals = forward(self.policy, self.policy.head, batch, self.cfg.loss, None, 1.0)
+            # the metrics do not depend on the loss variant: no loss, no graph; as train's forward
+            _, totals = forward(
+                self.policy,
+                self.policy.head,
+                batch,
+                self.cfg.loss,
+                None,
+                1.0,
+                vocab_size=len(self.tokenizer),
+                temperature=t,
+            )
         return totals
 
     def close(self) -> None:

@@ -1,9 +1,11 @@
 """What every rollout engine returns and implements.
 
 An engine samples ``n`` completions per prompt from the CURRENT student and records, for every position, the
-student's top-k ids and log-probs of the raw distribution (temperature 1, before top-p): the support S_t of
-the student-top-k loss (docs/OPD.md). After each optimizer step the trainer calls ``sync_weights`` and the
-engine's ``policy_version`` tells which weights sampled a batch (the loss refuses stale ones).
+student's top-k ids and log-probs of the distribution it samples from, log_softmax(logits / temperature)
+over the tokenizer's ids, before top-p (greedy, temperature 0: temperature 1): the support S_t of the
+student-top-k loss, and the same distribution the loss then differentiates (docs/OPD.md). After each
+optimizer step the trainer calls ``sync_weights`` and the engine's ``policy_version`` tells which weights
+sampled a batch (the loss refuses stale ones).
 
 Alignment is the protocol's: position t is predicted from ``prompt + completion[:t]``.
 """
@@ -29,7 +31,7 @@ class RolloutSample:
     completion_ids: torch.Tensor  # (T,) int64, includes the end-of-sequence token when finished
     topk_ids: torch.Tensor  # (T, k) int64
     topk_logprobs: torch.Tensor  # (T, k) float32
-    sampled_logprobs: torch.Tensor  # (T,) float32
+    sampled_logprobs: torch.Tensor  # (T,) float32, the same (tempered) distribution as topk_logprobs
     finished: bool  # True: ended with an end-of-sequence token; False: cut at max_new_tokens
 
 
@@ -57,6 +59,13 @@ class RolloutEngine(ABC):
     and refreshes it in ``sync_weights``."""
 
     policy_version: int = 0
+    last_sync_s: float = 0.0  # wall time of the last sync_weights (the rollout/weight_sync_s metric)
+
+    def sleep(self) -> None:  # noqa: B027 - optional hook
+        """The trainer is about to train: release what the engine holds on the device (vllm on CUDA)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Free the engine (its own copy of the weights, its KV cache)."""
 
     @abstractmethod
     def generate(

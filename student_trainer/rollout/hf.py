@@ -13,12 +13,13 @@ What is recorded (shapes per sample, T = completion length; CPU tensors):
   completion_ids (T,) int64: the sampled tokens; when the model emits an end-of-sequence id the completion
       ends with it (``finished=True``), otherwise it is ``max_new_tokens`` long (``finished=False``).
   topk_ids (T, k) int64, topk_logprobs (T, k) float32: the student's k most likely next tokens at position t
-      and their log-probs, full-vocabulary log_softmax of the RAW logits (temperature 1, before top-p): p_t
-      (docs/OPD.md), the support S_t of the student-top-k loss.
-  sampled_logprobs (T,) float32: log p_t(completion_ids[t]) from the same raw distribution.
+      and their log-probs, log_softmax(logits / temperature) over the tokenizer's ids, before top-p: the
+      tempered distribution p_t the tokens are sampled from (docs/OPD.md, "Temperature, top-p and padded
+      rows"), the support S_t of the student-top-k loss. Greedy (temperature 0) records temperature 1.
+  sampled_logprobs (T,) float32: log p_t(completion_ids[t]) from the same tempered distribution.
 Alignment is the protocol's: position t is predicted from ``prompt + completion[:t]``.
 
-Only the raw logits of the current step are kept: a LogitsProcessor placed before generate's temperature
+Only the logits of the current step are kept: a LogitsProcessor placed before generate's temperature
 and top-p warpers takes the top-k of each step, so no [B, T, V] tensor is ever held. The model's own
 ``generation_config`` (a Hub one may carry temperature 0.6, top_k 20, a repetition penalty) is ignored during
 rollouts, so tokens are sampled from p_t reshaped only by the temperature and top-p given here.
@@ -46,11 +47,16 @@ from student_trainer.rollout.base import RolloutBatch, RolloutEngine, RolloutSam
 
 
 class _TopKRecorder(LogitsProcessor):
-    """Records, per generation step, the top-k of log_softmax(raw logits) and keeps that step's log-probs
-    until :class:`_SampledLogprob` reads the sampled token's. Optionally masks ids >= ``vocab_limit``."""
+    """Records, per generation step, the top-k of log_softmax(logits / temperature) (the distribution the
+    token is sampled from, before top-p) and keeps that step's log-probs until :class:`_SampledLogprob`
+    reads the sampled token's. Optionally masks ids >= ``vocab_limit``. ``temperature`` must be > 0 (greedy
+    decoding passes 1: the raw distribution). The scores it returns are the raw ones (masked), so generate's
+    own temperature warper still divides them once."""
 
-    def __init__(self, k: int, vocab_limit: int | None) -> None:
-        self.k, self.vocab_limit = k, vocab_limit
+    def __init__(self, k: int, vocab_limit: int | None, temperature: float = 1.0) -> None:
+        if not temperature > 0:
+            raise ValueError(f"the recorder's temperature must be > 0, got {temperature}")
+        self.k, self.vocab_limit, self.temperature = k, vocab_limit, temperature
         self.topk_ids: list[torch.Tensor] = []  # per step (B, k)
         self.topk_logprobs: list[torch.Tensor] = []  # per step (B, k)
         self.sampled: list[torch.Tensor] = []  # per step (B,)
@@ -61,7 +67,8 @@ class _TopKRecorder(LogitsProcessor):
             # padded output rows are not tokens: neither sampled nor part of p_t's support
             scores = scores.clone()
             scores[:, self.vocab_limit :] = float("-inf")
-        logprobs_B_V = torch.log_softmax(scores.float(), dim=-1)
+        tempered_B_V = scores.float() if self.temperature == 1.0 else scores.float() / self.temperature
+        logprobs_B_V = torch.log_softmax(tempered_B_V, dim=-1)
         if self.k:
             values, ids = logprobs_B_V.topk(self.k, dim=-1)
             self.topk_ids.append(ids)
@@ -71,7 +78,7 @@ class _TopKRecorder(LogitsProcessor):
 
 
 class _SampledLogprob(StoppingCriteria):
-    """Runs after each sampled token is appended: gathers its raw log-prob. Never stops anything."""
+    """Runs after each sampled token is appended: gathers its recorded log-prob. Never stops anything."""
 
     def __init__(self, recorder: _TopKRecorder) -> None:
         self.recorder = recorder
@@ -201,7 +208,8 @@ class HFRolloutEngine(RolloutEngine):
             max_new = min(
                 max_new, limit - width
             )  # such samples come back unfinished, as if cut at max length
-        recorder = _TopKRecorder(k, self.vocab_limit)
+        # the recorded p_t is the sampling distribution: tempered; greedy records temperature 1
+        recorder = _TopKRecorder(k, self.vocab_limit, temperature if temperature > 0 else 1.0)
         sequences = self.model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
@@ -245,23 +253,30 @@ def build(cfg: Any, model: Any, tokenizer: Any, accelerator: Any = None) -> HFRo
     """The engine for a trainer config (the registry entry of ``rollout.engine: hf``).
 
     Sampling is restricted to tokenizer ids when the output layer is padded beyond the tokenizer (Qwen:
-    151,936 rows, 151,669 tokens). The static KV cache takes the weights' dtype, so it is refused with fp32
-    master weights under bf16 autocast (transformers fails inside the cache otherwise).
+    151,936 rows, 151,669 tokens). ``rollout.shadow_dtype`` set: a :class:`ShadowRolloutEngine` generating
+    from a copy of the weights in that dtype, autocast off (``rollout.shadow``). The static KV cache takes
+    one dtype, so without a shadow it is refused with fp32 master weights under bf16 autocast (transformers
+    fails inside the cache otherwise); with a shadow the combination works.
     """
     mixed = getattr(accelerator, "mixed_precision", "no")
-    if cfg.rollout.static_cache and mixed != "no":
+    shadow_dtype = cfg.rollout.shadow_dtype
+    if cfg.rollout.static_cache and mixed != "no" and not shadow_dtype:
         raise ConfigError(
             "rollout.static_cache=true with fp32 master weights and bf16 autocast: the static KV cache takes "
-            "the weights' dtype and refuses bf16 keys; set model.dtype=bfloat16 or rollout.static_cache=false"
+            "the weights' dtype and refuses bf16 keys; set rollout.shadow_dtype=bfloat16 (generate from a "
+            "bf16 copy of the weights), model.dtype=bfloat16 or rollout.static_cache=false"
         )
     rows = model.get_output_embeddings().weight.shape[0]
-    return HFRolloutEngine(
-        model,
-        tokenizer,
+    kwargs = dict(
         cache_implementation="static" if cfg.rollout.static_cache else None,
         prompt_pad_multiple=64 if cfg.rollout.static_cache else 1,  # fewer shapes to compile
         vocab_limit=len(tokenizer) if rows > len(tokenizer) else None,
     )
+    if shadow_dtype:
+        from student_trainer.rollout.shadow import ShadowRolloutEngine
+
+        return ShadowRolloutEngine(model, tokenizer, shadow_dtype, **kwargs)
+    return HFRolloutEngine(model, tokenizer, **kwargs)
 
 
 def left_pad(

@@ -27,9 +27,10 @@ Design (docs/TRAINING.md, "The vLLM rollout engine"):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -113,7 +114,9 @@ class VLLMRolloutEngine(RolloutEngine):
         self.vocab_limit = vocab_limit
         self.eos_token_ids = list(eos_token_ids) if eos_token_ids is not None else _eos_ids(model, tokenizer)
         if not self.eos_token_ids:
-            raise ConfigError("no end-of-sequence id: the tokenizer and the model's generation_config have none")
+            raise ConfigError(
+                "no end-of-sequence id: the tokenizer and the model's generation_config have none"
+            )
         rows = model.get_output_embeddings().weight.shape[0]
         self.vocab_size = vocab_limit or rows
         self.sleep_between_steps = sleep_between_steps and self.cuda
@@ -134,7 +137,9 @@ class VLLMRolloutEngine(RolloutEngine):
             kwargs["gpu_memory_utilization"] = memory_share
         kwargs.update(engine_kwargs or {})
         t0 = time.perf_counter()
-        self.llm = LLM(**kwargs)
+        _forget_stale_parallel_state()
+        with _caller_rng_kept():  # an in-process vLLM seeds the global RNGs; the trainer's stream stays
+            self.llm = LLM(**kwargs)
         self.startup_s = time.perf_counter() - t0
         self.features = self.llm.collective_rpc(_probe)[0]
         if not (self.features["reload_weights"] or self.features["load_weights"]):
@@ -173,6 +178,22 @@ class VLLMRolloutEngine(RolloutEngine):
             self.llm.wake_up(tags=["weights"])
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
+
+    def sequence_logprobs(self, ids: Sequence[int]) -> torch.Tensor:
+        """(len(ids) - 1,) the engine's log-probs of ``ids[1:]`` given their prefixes, at temperature 1 over
+        every output row (vLLM's prompt log-probs ignore the temperature and allowed ids): a check that the
+        engine holds the trained weights (``tests/test_rollout_vllm.py``), not what the loss reads."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self.wake()
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, temperature=1.0)
+        out = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=[int(t) for t in ids])], params, use_tqdm=False
+        )
+        per_position = out[0].prompt_logprobs
+        values = [per_position[t][int(ids[t])].logprob for t in range(1, len(ids))]
+        return torch.tensor(values, dtype=torch.float32)
 
     # ---------------------------------------------------------------------------------- sampling
     def generate(
@@ -246,19 +267,43 @@ class VLLMRolloutEngine(RolloutEngine):
         )
 
     def close(self) -> None:
-        """Shut the engine down and free its memory."""
-        llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
-            engine = getattr(llm, "llm_engine", None)
-            shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
-            if callable(shutdown):
-                shutdown()
-            del llm
+        """Drop the engine (its weights and KV cache go with the last reference). Not ``shutdown()``: an
+        in-process engine core tears down vLLM's process-wide parallel state, which another engine in this
+        process (a test session, a resumed trainer) still uses."""
+        import gc
+
+        self.llm = None
+        gc.collect()
 
 
-def _read_logprobs(
-    logprobs: Any, ids: list[int], k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forget_stale_parallel_state() -> None:
+    """vLLM keeps its process groups in module globals. When the torch.distributed group under them has
+    been destroyed since (an earlier trainer in this process ended: accelerate's ``end_training``), a new
+    engine would fail on them ("not initialized in the world group map"): forget them first."""
+    from vllm.distributed import parallel_state as ps
+
+    if getattr(ps, "_WORLD", None) is None or torch.distributed.is_initialized():
+        return
+    with contextlib.suppress(Exception):  # their process groups are gone already; only the globals remain
+        ps.destroy_model_parallel()
+    ps._WORLD = None
+
+
+@contextlib.contextmanager
+def _caller_rng_kept() -> Iterator[None]:
+    """Restore Python's, NumPy's and torch's global RNG states (CPU and CUDA) afterwards."""
+    import random
+
+    import numpy as np
+
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
+        yield
+    random.setstate(py)
+    np.random.set_state(npy)
+
+
+def _read_logprobs(logprobs: Any, ids: list[int], k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(T,) sampled-token log-probs, (T, k) top-k ids and log-probs (descending) from vLLM's per-position
     log-probs: the sampled token first, then the top-k by rank (the sampled one listed again when it is in
     the top-k; a dict form merges the two)."""
@@ -328,5 +373,9 @@ def build(cfg: Any, model: Any, tokenizer: Any, accelerator: Any = None) -> VLLM
         sleep_between_steps=r.vllm_sleep,
         vocab_limit=len(tokenizer) if rows > len(tokenizer) else None,
         seed=cfg.train.seed + rank,
+        max_model_len=r.vllm_max_model_len,
         trust_remote_code=cfg.model.trust_remote_code,
+        engine_kwargs=(
+            {"kv_cache_memory_bytes": int(r.vllm_kv_cache_gib * 2**30)} if r.vllm_kv_cache_gib else None
+        ),
     )

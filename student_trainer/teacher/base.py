@@ -1,13 +1,14 @@
 """What a training step asks of a teacher, whoever serves it (an HTTP endpoint pool or an in-process model).
 
-    pending = teacher.submit(prompts, rollouts, top_k)   # sent at once: scored while the next batch samples
+    pending = teacher.submit(prompts, rollouts, top_k, temperature=t)   # sent at once: scored meanwhile
     pending.wait()                                       # optional: block until the answer is in
     scores = pending.result()                            # TeacherScores, one ScoredSequence per sample
 
 The request is the same for every caller (``train``, ``probe``, ``preflight``): the prompt in the teacher's
 form (``Prompt.teacher_fields``: token ids, or chat messages the teacher renders with its own template), the
 student's completion ids, the student's top-k ids as candidates when the teacher can score them, and the
-teacher's entropy when it can compute it.
+teacher's entropy when it can compute it. ``temperature`` is the rollout's: the teacher's logits are divided
+by it, so both sides of the KL are the tempered distributions (a teacher that cannot is refused at connect).
 """
 
 from __future__ import annotations
@@ -52,8 +53,11 @@ class Teacher(ABC):
     description: str = "teacher"
 
     @abstractmethod
-    def submit(self, prompts: Sequence[Prompt], rollouts: RolloutBatch, top_k: int) -> PendingScores:
-        """Ask for the scores of every sample of ``rollouts`` (``prompts[s.prompt_index]`` is its prompt)."""
+    def submit(
+        self, prompts: Sequence[Prompt], rollouts: RolloutBatch, top_k: int, *, temperature: float = 1.0
+    ) -> PendingScores:
+        """Ask for the scores of every sample of ``rollouts`` (``prompts[s.prompt_index]`` is its prompt),
+        from the teacher's log_softmax(logits / temperature); ``TeacherScores.logits`` is divided by it too."""
 
     def stats(self) -> dict[str, Any]:
         """Transport metrics since the last call (``teacher/*`` keys); none for an in-process teacher."""

@@ -2,8 +2,10 @@
 
 ``train``, ``probe`` and ``preflight`` all call :func:`connect_teacher`: an HTTP endpoint pool for
 ``teacher.urls`` or an in-process model for ``teacher.local``; the loss's row in ``opd.loss_table`` says
-which capabilities the teacher must have. Raises :class:`TeacherIncompatible` (tokenizers differ and the
-mismatch is not allowed, or a capability is missing) after releasing what was opened.
+which capabilities the teacher must have, and ``rollout.temperature`` other than 1 needs a teacher that
+scores at that temperature. Raises :class:`TeacherIncompatible` (tokenizers differ and the mismatch is not
+allowed, or a capability is missing) after releasing what was opened; warns (``warn``) when the teacher
+normalises over more ids than the student's tokenizer has.
 """
 
 from __future__ import annotations
@@ -18,12 +20,19 @@ from student_trainer.teacher.base import Teacher
 from student_trainer.teacher.errors import TeacherIncompatible
 
 
-def connect_teacher(cfg: Config, student_fingerprint: str, device: Any = None, warn: Any = print) -> Teacher:
+def connect_teacher(
+    cfg: Config,
+    student_fingerprint: str,
+    device: Any = None,
+    warn: Any = print,
+    student_vocab_size: int | None = None,
+) -> Teacher:
     """The configured teacher; ``device`` is where an in-process teacher runs; ``warn`` gets the warnings
-    (an explicitly allowed tokenizer mismatch)."""
+    (an explicitly allowed tokenizer mismatch, a teacher normalising over padded rows);
+    ``student_vocab_size``: ``len(student tokenizer)`` (default: the teacher's tokenizer length)."""
     if cfg.teacher.local:
         return _local(cfg, student_fingerprint, device)
-    return _remote(cfg, student_fingerprint, warn)
+    return _remote(cfg, student_fingerprint, warn, student_vocab_size)
 
 
 def _local(cfg: Config, student_fingerprint: str, device: Any) -> Teacher:
@@ -44,7 +53,7 @@ def _local(cfg: Config, student_fingerprint: str, device: Any) -> Teacher:
     return local
 
 
-def _remote(cfg: Config, student_fingerprint: str, warn: Any) -> Teacher:
+def _remote(cfg: Config, student_fingerprint: str, warn: Any, student_vocab_size: int | None) -> Teacher:
     from student_trainer.teacher.client import SyncTeacherClient
     from student_trainer.teacher.compat import check_compatibility
     from student_trainer.teacher.remote import RemoteTeacher
@@ -65,6 +74,8 @@ def _remote(cfg: Config, student_fingerprint: str, warn: Any) -> Teacher:
             needs=loss_spec(lo.type).needs,
             top_k=lo.top_k,
             allow_mismatch=t.allow_tokenizer_mismatch,
+            temperature=cfg.rollout.temperature,
+            student_vocab_size=student_vocab_size,
         )
     except BaseException:
         client.close()

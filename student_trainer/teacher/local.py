@@ -48,16 +48,20 @@ class LocalTeacher(Teacher):
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
         self.description = f"{path} (in-process)"
 
-    def submit(self, prompts: Sequence[Prompt], rollouts: RolloutBatch, top_k: int) -> PendingScores:
+    def submit(
+        self, prompts: Sequence[Prompt], rollouts: RolloutBatch, top_k: int, *, temperature: float = 1.0
+    ) -> PendingScores:
         samples = rollouts.samples
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
 
         def compute() -> TeacherScores:
             t_prompts = [self.prompt_ids(prompts[s.prompt_index].teacher_fields()) for s in samples]
             completions = [s.completion_ids.tolist() for s in samples]
             hidden_N_H = self.completion_hidden(t_prompts, completions)
             cands = [s.topk_ids.numpy() for s in samples]
-            scores = self.score(hidden_N_H, completions, top_k, cands)
-            return TeacherScores(scores, head_logits(hidden_N_H, self.head))
+            scores = self.score(hidden_N_H, completions, top_k, cands, temperature=temperature)
+            return TeacherScores(scores, head_logits(hidden_N_H, self.head, temperature))
 
         return _OnDemand(compute)
 
@@ -89,6 +93,11 @@ class LocalTeacher(Teacher):
     def head(self) -> torch.nn.Linear:
         return self.model.get_output_embeddings()
 
+    @property
+    def vocab_size(self) -> int:
+        """The ids its scores are normalised over: the tokenizer's (at most the output layer's rows)."""
+        return min(len(self.tokenizer), self.head.weight.shape[0])
+
     @torch.no_grad()
     def score(
         self,
@@ -96,14 +105,24 @@ class LocalTeacher(Teacher):
         completions: list[list[int]],
         top_k: int,
         candidates: list[np.ndarray] | None,
+        *,
+        temperature: float = 1.0,
     ) -> list[ScoredSequence]:
-        """Service-equivalent scores from the teacher's completion hidden states."""
+        """Service-equivalent scores from the teacher's completion hidden states: log_softmax(logits /
+        temperature) over the tokenizer's ids (padded output rows excluded, as the hf backend does)."""
         targets = torch.tensor([t for c in completions for t in c], device=self.device)
         ids = targets[:, None]
         if candidates is not None:
             ids = torch.cat([ids, torch.from_numpy(np.concatenate(candidates)).long().to(self.device)], dim=1)
         out = gather_logprobs(
-            hidden_N_H, self.head, ids, top_k=top_k, want_entropy=True, chunk_rows=self.chunk_rows
+            hidden_N_H,
+            self.head,
+            ids,
+            top_k=top_k,
+            want_entropy=True,
+            temperature=temperature,
+            vocab_size=self.vocab_size,
+            chunk_rows=self.chunk_rows,
         )
         lp = out.logprobs_N_M.float().cpu().numpy()
         top_ids = out.topk_ids_N_k.cpu().numpy().astype(np.int32)

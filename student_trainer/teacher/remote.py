@@ -35,10 +35,16 @@ class RemoteTeacher(Teacher):
         self.capabilities = common_capabilities(self.infos)
         self.description = ", ".join(f"{u} ({i.model}, {i.backend})" for u, i in self.infos.items())
 
-    def submit(self, prompts: Sequence[Prompt], rollouts: RolloutBatch, top_k: int) -> PendingScores:
+    def submit(
+        self, prompts: Sequence[Prompt], rollouts: RolloutBatch, top_k: int, *, temperature: float = 1.0
+    ) -> PendingScores:
         seqs, cands = score_inputs(prompts, rollouts, self.capabilities["candidate_ids"])
         future = self.client.score_future(
-            seqs, top_k=top_k, return_entropy=self.capabilities["entropy"], candidate_ids=cands
+            seqs,
+            top_k=top_k,
+            return_entropy=self.capabilities["entropy"],
+            candidate_ids=cands,
+            temperature=temperature,
         )
         return _Pending(future)
 

@@ -17,6 +17,9 @@ class Backend(ABC):
     tokenizer: Any = None
     max_model_len: int = 0
     model_vocab_size: int = 0
+    # ids [0, n) the log-probs are normalised over (``ModelInfo.normalized_vocab_size``); None = all
+    # model_vocab_size rows of the output layer
+    normalized_vocab_size: int | None = None
 
     @abstractmethod
     async def load(self) -> None:

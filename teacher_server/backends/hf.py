@@ -2,7 +2,8 @@
 
 One forward of the base model per batch (right padding, attention mask), then the output layer applied only
 to the positions that predict completion tokens, in row chunks (see
-:mod:`teacher_server.backends.hf_scoring`).
+:mod:`teacher_server.backends.hf_scoring`). Log-probs, top-k and entropy are normalised over the tokenizer's
+ids: output rows past ``len(tokenizer)`` (padding, Qwen: 151,936 rows for 151,669 ids) are left out.
 At load time a probe checks that "base model + output layer" reproduces the model's own logits; models with
 extra logit processing that the probe cannot reproduce fall back to the full forward.
 """
@@ -88,6 +89,7 @@ class HFBackend(Backend):
         self.model.eval()
         mc = self.model.config
         self.model_vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        self.normalized_vocab_size = min(len(self.tokenizer), self.model_vocab_size)
         limit = int(getattr(mc, "max_position_embeddings", 0) or 0) or 32768
         self.max_model_len = min(cfg.max_model_len or limit, limit)
         if self.max_model_len > cfg.max_batch_tokens:
@@ -181,6 +183,7 @@ class HFBackend(Backend):
                 job.want_entropy,
                 chunk_rows=chunk,
                 softcap=self._softcap if self._split_head else None,
+                vocab_limit=self.normalized_vocab_size,
             )
             results.append(_to_result(job, out))
         return results

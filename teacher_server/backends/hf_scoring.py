@@ -14,7 +14,8 @@ import torch
 
 @dataclass
 class HeadOutputs:
-    """Scores for N positions. Shapes in the field comments; all log-probs fp32, full-vocab normalised."""
+    """Scores for N positions. Shapes in the field comments; all log-probs fp32, normalised over the
+    vocabulary (the first ``vocab_limit`` ids when :func:`chunked_head_scores` is given one)."""
 
     logprobs: torch.Tensor  # (N,) log-prob of each target id
     topk_ids: torch.Tensor  # (N, k) int64, descending log-prob
@@ -73,6 +74,7 @@ def chunked_head_scores(
     want_entropy: bool = False,
     chunk_rows: int = 1024,
     softcap: float | None = None,
+    vocab_limit: int | None = None,
 ) -> HeadOutputs:
     """Apply the output layer ``head`` to N hidden states in chunks and score each position.
 
@@ -83,13 +85,18 @@ def chunked_head_scores(
         temperature: logits are divided by it before normalisation.
         chunk_rows: rows per chunk.
         softcap: final logit soft-capping (Gemma-style ``cap * tanh(x / cap)``), applied before temperature.
+        vocab_limit: score over ids [0, vocab_limit) only, the tokenizer's (output rows past it are padding:
+            no mass, no top-k place, no entropy); targets and candidates must lie below it. None = every row.
     Returns:
         :class:`HeadOutputs` with N rows, on the hidden states' device.
     """
     parts: list[HeadOutputs] = []
     for start in range(0, hidden_N_H.shape[0], chunk_rows):
         stop = start + chunk_rows
-        logits = head(hidden_N_H[start:stop]).float()
+        logits = head(hidden_N_H[start:stop])
+        if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+            logits = logits[:, :vocab_limit]
+        logits = logits.float()
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         if temperature != 1.0:

