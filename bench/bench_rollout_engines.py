@@ -143,7 +143,8 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
     prompts = prompts_for(tok, a.batch)
-    no_eos = [len(tok) + 7]  # an id that is never sampled: every row generates exactly --new-tokens
+    # a special token random weights almost never sample: rows run to --new-tokens (tok/s counts real tokens)
+    no_eos = [tok.convert_tokens_to_ids("<|im_start|>")]
     print(
         f"student {n_params / 1e6:.1f}M params, fp32, {torch.get_num_threads()} threads; batch {a.batch}, "
         f"{a.new_tokens} new tokens, top-16 recorded"

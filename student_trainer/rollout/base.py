@@ -101,3 +101,21 @@ def check_sampling_args(
     for name, value, ok, limit in checks:
         if not ok:
             raise ConfigError(f"rollout {name}={value!r} is invalid: must be {limit}")
+
+
+def check_request(
+    prompts: Sequence[Sequence[int]],
+    vocab_size: int,
+    n: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    top_k_record: int,
+) -> None:
+    """Every engine's argument checks: :func:`check_sampling_args`, a top-k inside the vocabulary and a
+    non-empty list of non-empty prompts. Raises ConfigError."""
+    check_sampling_args(n, temperature, top_p, max_new_tokens, top_k_record)
+    if top_k_record > vocab_size:
+        raise ConfigError(f"top_k_record={top_k_record} exceeds the vocabulary ({vocab_size} ids)")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ConfigError("rollout prompts must be a non-empty list of non-empty token id lists")

@@ -41,7 +41,7 @@ from transformers import (
 )
 
 from student_trainer.errors import ConfigError, DataError
-from student_trainer.rollout.base import RolloutBatch, RolloutEngine, RolloutSample, check_sampling_args
+from student_trainer.rollout.base import RolloutBatch, RolloutEngine, RolloutSample, check_request
 
 # ------------------------------------------------------------------------------------- recording hooks
 
@@ -160,11 +160,7 @@ class HFRolloutEngine(RolloutEngine):
         top_k_record: int = 16,
         seed: int | None = None,
     ) -> RolloutBatch:
-        check_sampling_args(n, temperature, top_p, max_new_tokens, top_k_record)
-        if top_k_record > self.vocab_size:
-            raise ConfigError(f"top_k_record={top_k_record} exceeds the vocabulary ({self.vocab_size} ids)")
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ConfigError("rollout prompts must be a non-empty list of non-empty token id lists")
+        check_request(prompts, self.vocab_size, n, temperature, top_p, max_new_tokens, top_k_record)
         rows = [(i, j, list(map(int, p))) for i, p in enumerate(prompts) for j in range(n)]
         step = self.batch_size or len(rows)
         samples: list[RolloutSample] = []

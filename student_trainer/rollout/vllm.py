@@ -36,11 +36,13 @@ from typing import Any
 import torch
 
 from student_trainer.errors import ConfigError, DataError, MissingDependencyError
-from student_trainer.rollout.base import RolloutBatch, RolloutEngine, RolloutSample, check_sampling_args
+from student_trainer.rollout.base import RolloutBatch, RolloutEngine, RolloutSample, check_request
 from student_trainer.rollout.hf import _eos_ids
 
 
 def _require_vllm() -> Any:
+    # vLLM's INFO lines would bury the trainer's own output (set VLLM_LOGGING_LEVEL=INFO to see them)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
         import vllm
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -210,11 +212,7 @@ class VLLMRolloutEngine(RolloutEngine):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        check_sampling_args(n, temperature, top_p, max_new_tokens, top_k_record)
-        if top_k_record > self.vocab_size:
-            raise ConfigError(f"top_k_record={top_k_record} exceeds the vocabulary ({self.vocab_size} ids)")
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ConfigError("rollout prompts must be a non-empty list of non-empty token id lists")
+        check_request(prompts, self.vocab_size, n, temperature, top_p, max_new_tokens, top_k_record)
         self.wake()
         allowed = list(range(self.vocab_limit)) if self.vocab_limit else None
         params, inputs = [], []
