@@ -11,7 +11,7 @@ tokens, top-16 recorded. Both engines are called the way the trainer calls them 
 compiles its decode step there; the dynamic one grows the allocator), timed and reported separately, then
 ``--repeats`` timed calls (best kept). Then one shadow sync (a master -> bf16 copy of every parameter, as
 after each optimizer step) is timed, and one more static call checks that a sync does not recompile.
-Imports only torch, transformers and ``student_trainer.rollout`` (no vLLM, fastapi or pydantic needed).
+Imports only torch, transformers, ``student_trainer.rollout`` and devkit's shape table (no vLLM, fastapi or pydantic).
 """
 
 from __future__ import annotations
@@ -27,21 +27,16 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from devkit.tiny_models import QWEN3_SHAPES, QWEN3_VOCAB  # noqa: E402 - config dicts only, no imports
 from student_trainer.rollout.hf import HFRolloutEngine  # noqa: E402
 from student_trainer.rollout.shadow import ShadowRolloutEngine  # noqa: E402
 
 FULL = dict(
     shape=dict(
-        vocab_size=151936,
-        hidden_size=2048,
-        intermediate_size=6144,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
+        **QWEN3_SHAPES["qwen3-1.7b"],
+        vocab_size=QWEN3_VOCAB,
         max_position_embeddings=40960,
         rope_theta=1_000_000.0,
-        tie_word_embeddings=True,
     ),
     tokens=151669,  # Qwen's tokenizer: the output layer's padded rows are masked (as rollout.hf.build does)
     eos=151645,
