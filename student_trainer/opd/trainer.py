@@ -76,7 +76,13 @@ class OPDTrainer:
     def _setup_teacher(self) -> None:
         from student_trainer.teacher.connect import connect_teacher
 
-        self.teacher = connect_teacher(self.cfg, self.fingerprint, self.acc.device, warn=self.acc.print)
+        self.teacher = connect_teacher(
+            self.cfg,
+            self.fingerprint,
+            self.acc.device,
+            warn=self.acc.print,
+            student_vocab_size=len(self.tokenizer),
+        )
         caps = self.teacher.capabilities
         self.acc.print(
             f"teacher: {self.teacher.description}; tokenizer {self.fingerprint} matches; capabilities {caps}"
