@@ -112,6 +112,9 @@ class ScoreOptions(_Strict):
     return_entropy: bool = Field(False, description="teacher full-distribution entropy per position")
     temperature: float = Field(1.0, gt=0.0, allow_inf_nan=False, description="divides logits first")
     return_tokens: bool = Field(False, description="decoded completion token strings, for people")
+    return_ranks: bool = Field(
+        False, description="rank of each completion token in the teacher's distribution (1 = most likely)"
+    )
 
 
 class ScoreRequest(ScoreOptions, _ScoreSequences):  # this base order keeps "sequences" the first field
@@ -136,6 +139,7 @@ class SequenceScoresDoc(BaseModel):
     candidate_logprobs: list[list[float | None]] | None = None
     entropy: list[float] | None = None
     tokens: list[str] | None = None
+    ranks: list[int] | None = None
     prompt_tokens: int
 
 

@@ -173,6 +173,9 @@ class ScoredSequence:
     candidate_logprobs: np.ndarray | None = None  # (T, K) float32
     entropy: np.ndarray | None = None  # (T,) float32
     tokens: list[str] | None = None  # decoded completion tokens, on request
+    ranks: np.ndarray | None = (
+        None  # (T,) int32: 1 + the number of ids more likely than the token, on request
+    )
 
     def to_wire(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -182,7 +185,7 @@ class ScoredSequence:
             "topk_logprobs": self.topk_logprobs,
             "prompt_tokens": int(self.prompt_tokens),
         }
-        for key in ("candidate_logprobs", "entropy", "tokens"):
+        for key in ("candidate_logprobs", "entropy", "tokens", "ranks"):
             if getattr(self, key) is not None:
                 doc[key] = getattr(self, key)
         return doc
@@ -207,6 +210,7 @@ class ScoredSequence:
                 candidate_logprobs=mat("candidate_logprobs", "float32"),
                 entropy=None if doc.get("entropy") is None else as_array(doc["entropy"], "float32"),
                 tokens=doc.get("tokens"),
+                ranks=None if doc.get("ranks") is None else as_array(doc["ranks"], "int32"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise WireFormatError(f"malformed score result: {type(exc).__name__}: {exc}") from None

@@ -17,8 +17,14 @@ import yaml
 
 from student_trainer.errors import ConfigError
 from student_trainer.evaluate.run import EvalConfig as EvalSettings
-from student_trainer.opd.loss_table import loss_spec
+from student_trainer.opd.loss_table import LOSSES, loss_spec
 from student_trainer.rollout import ENGINES
+
+# teacher.protocol -> the teacher capabilities (shared.protocol.Capabilities fields) a teacher speaking it can
+# provide; None: whatever each server reports in /v1/model (checked at connect by teacher.compat). A stock
+# OpenAI server's prompt_logprobs are the log-probs of the sequence's own tokens and the top-k of the raw
+# (temperature 1) logits, nothing else (docs/TRAINING.md, "A stock vLLM server as the teacher").
+TEACHER_PROTOCOLS: dict[str, frozenset[str] | None] = {"opd": None, "openai": frozenset()}
 
 
 @dataclass
@@ -38,6 +44,7 @@ class TeacherConfig:
     max_retry_wait_s: float = 600.0  # keep retrying a dead teacher this long before failing the step
     max_sequences_per_request: int = 64
     allow_tokenizer_mismatch: bool = False
+    protocol: str = "opd"  # opd: teacher-server's /v1/score | openai: a stock vLLM OpenAI server (/v1/completions)
 
 
 @dataclass
@@ -160,6 +167,17 @@ class Config:
             self.train,
         )
         spec = loss_spec(lo.type)
+        _check(
+            t.protocol in TEACHER_PROTOCOLS,
+            f"teacher.protocol={t.protocol!r} is unknown; choose one of {', '.join(TEACHER_PROTOCOLS)}",
+        )
+        refusal = protocol_refusal(t.protocol, lo.type, r.temperature)
+        _check(refusal is None, refusal or "")
+        _check(
+            t.protocol == "opd" or not t.local,
+            f"teacher.protocol={t.protocol} says how to talk to teacher.urls, but teacher.local={t.local!r} is "
+            "an in-process teacher: unset teacher.local or set teacher.protocol=opd",
+        )
         _check(lo.topk_form in ("paper", "direct"), f"loss.topk_form={lo.topk_form!r}: use paper or direct")
         _check(lo.top_k >= spec.min_top_k, f"loss.top_k={lo.top_k} must be >= {spec.min_top_k} for {lo.type}")
         _check(lo.chunk_rows >= 1, f"loss.chunk_rows={lo.chunk_rows} must be >= 1")
@@ -256,6 +274,37 @@ class Config:
 
     def dump(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def protocol_refusal(protocol: str, loss_type: str, temperature: float) -> str | None:
+    """Why a teacher speaking ``protocol`` cannot serve ``loss_type`` at ``rollout.temperature``; None if it can.
+
+    Reads :data:`TEACHER_PROTOCOLS` and the loss table (``LossSpec.needs``), so a protocol or a loss is one
+    row there; an opd teacher's capabilities are only known from its ``/v1/model`` (``teacher.compat``).
+    """
+    caps = TEACHER_PROTOCOLS.get(protocol)
+    if caps is None:
+        return None
+    spec = loss_spec(loss_type)
+    missing = [need for need in spec.needs if need not in caps]
+    if spec.local_teacher or missing:
+        works = [name for name, s in LOSSES.items() if not s.local_teacher and set(s.needs) <= caps]
+        why = "the teacher's whole distribution" if spec.local_teacher else "capability " + ", ".join(missing)
+        return (
+            f"loss.type={loss_type} needs {why}, which a teacher.protocol={protocol} server does not return "
+            f"(its prompt_logprobs carry only each token's log-prob and the top-k); with teacher.protocol="
+            f"{protocol} use loss.type={' or '.join(works)}, or keep {loss_type} with teacher.protocol=opd and "
+            + ("an in-process teacher (teacher.local)" if spec.local_teacher else "teacher-server (hf backend)")
+        )
+    if temperature != 1.0 and "temperature" not in caps:
+        return (
+            f"rollout.temperature={temperature} with teacher.protocol={protocol}: vLLM's prompt_logprobs are "
+            "log_softmax of the raw logits (the request's temperature does not apply to them), but the loss "
+            "must compare the tempered distributions the tokens were sampled from; set rollout.temperature=1.0, "
+            "or use teacher.protocol=opd with a teacher-server on the hf backend, which scores at the rollout "
+            "temperature"
+        )
+    return None
 
 
 def _check(ok: bool, message: str) -> None:

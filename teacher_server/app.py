@@ -13,10 +13,11 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -53,7 +54,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.server = state
-    _install_error_handlers(app)
+    _install_error_handlers(app, _error_shapes(SURFACES))
     for surface in SURFACES:
         app.include_router(surface.router)
     install_openapi(app, SURFACES)
@@ -80,34 +81,42 @@ async def _load(state: ServerState, on_load_failure: Callable[[BaseException], N
             on_load_failure(exc)
 
 
-def _error_body(kind: str, message: str) -> dict:
-    return {"error": {"type": kind, "message": message, "field": None, "value": None, "limit": None}}
+def _error_shapes(surfaces: Any) -> dict[str, Callable[[APIError], Response]]:
+    """path -> the surface's own error answer, for surfaces whose clients expect another shape than ours."""
+    return {
+        route.path: s.error_response
+        for s in surfaces
+        if hasattr(s, "error_response")
+        for route in s.router.routes
+        if hasattr(route, "path")
+    }
 
 
-def _install_error_handlers(app: FastAPI) -> None:
-    async def client_error(request: Request, exc: Exception) -> JSONResponse:
-        err = as_api_error(exc)  # an APIError itself, or a backend's UnsupportedRequest as its 422
+def _install_error_handlers(app: FastAPI, shapes: dict[str, Callable[[APIError], Response]]) -> None:
+    def answer(request: Request, err: APIError) -> Response:
+        shape = shapes.get(request.url.path)
+        if shape is not None:
+            return shape(err)
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    async def client_error(request: Request, exc: Exception) -> Response:
+        return answer(request, as_api_error(exc))  # an APIError, or a backend's UnsupportedRequest as 422
 
     app.add_exception_handler(APIError, client_error)
     app.add_exception_handler(UnsupportedRequest, client_error)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        err = from_validation_error(ValidationError.from_exception_data("request", exc.errors()))
-        return JSONResponse(err.body(), status_code=422)
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        return answer(
+            request, from_validation_error(ValidationError.from_exception_data("request", exc.errors()))
+        )
 
     @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+    async def _internal(request: Request, exc: Exception) -> Response:
         log.exception("internal error on %s %s", request.method, request.url.path)
-        return JSONResponse(
-            _error_body("internal", f"internal server error: {type(exc).__name__}: {exc}"), status_code=500
-        )
+        msg = f"internal server error: {type(exc).__name__}: {exc}"
+        return answer(request, APIError(500, msg, type="internal"))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(
-            _error_body("http", str(exc.detail)),
-            status_code=exc.status_code,
-            headers=getattr(exc, "headers", None),
-        )
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        return answer(request, APIError(exc.status_code, str(exc.detail), type="http", headers=exc.headers))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from shared.fingerprint import tokenizer_fingerprint
 from shared.protocol import ModelInfo
 from teacher_server.backends.base import Backend
@@ -22,6 +24,7 @@ class ServerState:
         self.load_error: str | None = None
         self.limits: Limits | None = None
         self.info: ModelInfo | None = None
+        self.loaded_at = 0.0  # time.time() when the model finished loading
         self.inflight_tokens = 0  # admitted, not yet answered (see service.Admission)
 
     def on_loaded(self) -> None:
@@ -64,6 +67,7 @@ class ServerState:
                 "max_queue_tokens": cfg.max_queue_tokens,
             },
         )
+        self.loaded_at = time.time()
         self.ready = True
         self.metrics.ready.set(1)
 

@@ -184,6 +184,7 @@ class HFBackend(Backend):
                 chunk_rows=chunk,
                 softcap=self._softcap if self._split_head else None,
                 vocab_limit=self.normalized_vocab_size,
+                want_ranks=job.options.return_ranks,
             )
             results.append(_to_result(job, out))
         return results
@@ -220,4 +221,5 @@ def _to_result(job: ScoreJob, out: HeadOutputs) -> ScoredSequence:
         topk_logprobs=_np(out.topk_logprobs, "float32"),
         candidate_logprobs=_np(out.candidate_logprobs, "float32"),
         entropy=_np(out.entropy, "float32"),
+        ranks=_np(out.ranks, "int32"),
     )

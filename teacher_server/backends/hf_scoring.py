@@ -22,6 +22,7 @@ class HeadOutputs:
     topk_logprobs: torch.Tensor  # (N, k)
     candidate_logprobs: torch.Tensor | None  # (N, K)
     entropy: torch.Tensor | None  # (N,)
+    ranks: torch.Tensor | None = None  # (N,) int64: 1 + number of ids with a larger logit than the target
 
 
 def chunk_rows_for(vocab: int, budget_bytes: int, min_rows: int = 16) -> int:
@@ -35,6 +36,7 @@ def logits_to_scores(
     k: int,
     candidates_N_K: torch.Tensor | None = None,
     want_entropy: bool = False,
+    want_ranks: bool = False,
 ) -> HeadOutputs:
     """Scores from fp32 logits (already divided by the temperature) of N positions over V ids.
 
@@ -44,6 +46,7 @@ def logits_to_scores(
         k: top-k size, 0..V.
         candidates_N_K: (N, K) int64 ids, or None.
         want_entropy: also return H = -sum_v p(v) log p(v), in nats.
+        want_ranks: also return each target's rank, 1 + #{v: logit(v) > logit(target)} (vLLM's convention).
     """
     lse_N = torch.logsumexp(logits_N_V, dim=-1)
     logprobs = logits_N_V.gather(1, targets_N[:, None]).squeeze(1) - lse_N
@@ -61,7 +64,11 @@ def logits_to_scores(
         # H = lse - sum_v p(v) * logit(v); exp of (logits - lse) stays in [0, 1], no overflow.
         p_N_V = torch.exp(logits_N_V - lse_N[:, None])
         entropy = lse_N - (p_N_V * logits_N_V.nan_to_num(neginf=0.0)).sum(-1)
-    return HeadOutputs(logprobs, top_i, top_lp, cand, entropy)
+    ranks = None
+    if want_ranks:
+        target_N = logits_N_V.gather(1, targets_N[:, None])
+        ranks = (logits_N_V > target_N).sum(-1) + 1
+    return HeadOutputs(logprobs, top_i, top_lp, cand, entropy, ranks)
 
 
 def chunked_head_scores(
@@ -75,13 +82,14 @@ def chunked_head_scores(
     chunk_rows: int = 1024,
     softcap: float | None = None,
     vocab_limit: int | None = None,
+    want_ranks: bool = False,
 ) -> HeadOutputs:
     """Apply the output layer ``head`` to N hidden states in chunks and score each position.
 
     Args:
         hidden_N_H: (N, H) final hidden states (model dtype) of the positions that predict the targets.
         head: the model's output embedding (``lm_head``), applied in the model dtype like HF's forward.
-        targets_N / candidates_N_K / k / want_entropy: see :func:`logits_to_scores`.
+        targets_N / candidates_N_K / k / want_entropy / want_ranks: see :func:`logits_to_scores`.
         temperature: logits are divided by it before normalisation.
         chunk_rows: rows per chunk.
         softcap: final logit soft-capping (Gemma-style ``cap * tanh(x / cap)``), applied before temperature.
@@ -102,7 +110,7 @@ def chunked_head_scores(
         if temperature != 1.0:
             logits = logits / temperature
         cand = None if candidates_N_K is None else candidates_N_K[start:stop]
-        parts.append(logits_to_scores(logits, targets_N[start:stop], k, cand, want_entropy))
+        parts.append(logits_to_scores(logits, targets_N[start:stop], k, cand, want_entropy, want_ranks))
         del logits
     return _concat(parts)
 
@@ -113,5 +121,5 @@ def _concat(parts: list[HeadOutputs]) -> HeadOutputs:
         return None if vals[0] is None else torch.cat(vals, dim=0)
 
     return HeadOutputs(
-        *(cat(n) for n in ("logprobs", "topk_ids", "topk_logprobs", "candidate_logprobs", "entropy"))
+        *(cat(n) for n in ("logprobs", "topk_ids", "topk_logprobs", "candidate_logprobs", "entropy", "ranks"))
     )

@@ -35,7 +35,7 @@ import numpy as np
 from shared.protocol import Capabilities, GenerateOptions, ScoreOptions
 from shared.wire import GeneratedSample, ScoredSequence
 from teacher_server.backends.base import Backend
-from teacher_server.backends.vllm_convert import candidate_rows, completion_rows
+from teacher_server.backends.vllm_convert import actual_ranks, candidate_rows, completion_rows
 from teacher_server.config import ConfigError, ServerConfig
 from teacher_server.errors import UnsupportedRequest
 from teacher_server.jobs import ScoreJob
@@ -216,6 +216,7 @@ class VLLMBackend(Backend):
         cand = None
         if job.candidate_ids is not None:
             cand = candidate_rows(out.prompt_token_id_logprobs, t, int(job.candidate_ids.shape[1]))
+        ranks = actual_ranks(out.prompt_logprobs, p, t) if job.options.return_ranks else None
         return ScoredSequence(
             completion_ids=job.completion_ids,
             logprobs=logprobs_T,
@@ -223,6 +224,7 @@ class VLLMBackend(Backend):
             topk_logprobs=topk_lps_T_K,
             prompt_tokens=p,
             candidate_logprobs=cand,
+            ranks=ranks,
         )
 
     async def _run(self, ids: list[int], params: Any) -> Any:

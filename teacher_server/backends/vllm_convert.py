@@ -57,6 +57,21 @@ def completion_rows_flat(
     return lps_T_W[:, 0].copy(), np.ascontiguousarray(topk_ids), np.ascontiguousarray(topk_lps)
 
 
+def actual_ranks(prompt_logprobs: Any, prompt_len: int, completion_len: int) -> np.ndarray:
+    """vLLM's rank of each completion token (1 = most likely): the first entry of each scored position.
+
+    Args:
+        prompt_logprobs: FlatLogprobs or the per-position dict list, for P + T positions.
+    Returns:
+        ranks_T (T,) int32.
+    """
+    if hasattr(prompt_logprobs, "start_indices"):
+        starts = prompt_logprobs.start_indices[prompt_len : prompt_len + completion_len]
+        return np.asarray([prompt_logprobs.ranks[s] for s in starts], dtype=np.int32)
+    rows = prompt_logprobs[prompt_len : prompt_len + completion_len]
+    return np.asarray([next(iter(entries.values())).rank for entries in rows], dtype=np.int32)
+
+
 def completion_rows_dicts(
     positions: Sequence[dict[int, Any] | None], completion_ids: np.ndarray, prompt_len: int, k: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
