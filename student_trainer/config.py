@@ -44,7 +44,8 @@ class TeacherConfig:
     max_retry_wait_s: float = 600.0  # keep retrying a dead teacher this long before failing the step
     max_sequences_per_request: int = 64
     allow_tokenizer_mismatch: bool = False
-    protocol: str = "opd"  # opd: teacher-server's /v1/score | openai: a stock vLLM OpenAI server (/v1/completions)
+    # opd: teacher-server's /v1/score | openai: a stock vLLM OpenAI server's /v1/completions (prompt_logprobs)
+    protocol: str = "opd"
 
 
 @dataclass
@@ -290,11 +291,12 @@ def protocol_refusal(protocol: str, loss_type: str, temperature: float) -> str |
     if spec.local_teacher or missing:
         works = [name for name, s in LOSSES.items() if not s.local_teacher and set(s.needs) <= caps]
         why = "the teacher's whole distribution" if spec.local_teacher else "capability " + ", ".join(missing)
+        fix = "an in-process teacher (teacher.local)" if spec.local_teacher else "teacher-server (hf backend)"
         return (
             f"loss.type={loss_type} needs {why}, which a teacher.protocol={protocol} server does not return "
             f"(its prompt_logprobs carry only each token's log-prob and the top-k); with teacher.protocol="
             f"{protocol} use loss.type={' or '.join(works)}, or keep {loss_type} with teacher.protocol=opd and "
-            + ("an in-process teacher (teacher.local)" if spec.local_teacher else "teacher-server (hf backend)")
+            f"{fix}"
         )
     if temperature != 1.0 and "temperature" not in caps:
         return (

@@ -325,6 +325,56 @@ def test_generate_bad_input_is_a_clear_4xx(vllm_server):
     assert r.status_code == 422 and r.json()["error"]["field"] == "stop_token_ids[0]"
 
 
+# ------------------------------------------------------------- OpenAI/vLLM-compatible surface (issue 11)
+def test_completions_prompt_logprobs_with_ranks_match_the_reference(vllm_server, ref_model):
+    """TRL's teacher request on the vllm backend: vLLM's per-position dicts, true ranks, exact log-probs."""
+    seq = random_sequences(4, seed=5)[3]
+    ids = seq["prompt_ids"] + seq["completion_ids"]
+    k = 6
+    body = {"prompt": [ids], "max_tokens": 1, "temperature": 1.0, "prompt_logprobs": k}
+    r = httpx.post(vllm_server.url + "/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    entries = r.json()["choices"][0]["prompt_logprobs"]
+    assert len(entries) == len(ids) and entries[0] is None
+    full = reference_logprobs(ref_model, {"prompt_ids": ids[:1], "completion_ids": ids[1:]})
+    for j in range(1, len(ids)):
+        row, entry = full[j - 1], entries[j]
+        actual = entry[str(ids[j])]
+        assert list(entry)[0] == str(ids[j])
+        assert (
+            actual["rank"] == int((row > row[ids[j]] + TOL).sum()) + 1
+            or actual["rank"] == int((row > row[ids[j]]).sum()) + 1
+        )
+        assert actual["logprob"] == pytest.approx(float(row[ids[j]]), abs=TOL)
+        by_rank = sorted((e["rank"], e["logprob"]) for e in entry.values())[:k]
+        np.testing.assert_allclose([v for _, v in by_rank], row.topk(k).values.numpy(), atol=TOL)
+
+
+def test_completions_refuse_tempered_prompt_logprobs_on_vllm(vllm_server):
+    body = {"prompt": [[5, 6, 7]], "max_tokens": 1, "temperature": 0.7, "prompt_logprobs": 2}
+    r = httpx.post(vllm_server.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "temperature" and "temperature 1.0 only" in err["message"]
+    # sampling at that temperature without log-probs is fine
+    body.pop("prompt_logprobs")
+    assert httpx.post(vllm_server.url + "/v1/completions", json=body, timeout=60).status_code == 200
+
+
+def test_trl_vllm_client_against_the_vllm_backend(vllm_server, ref_model):
+    pytest.importorskip("trl")
+    from trl.generation.vllm_client import VLLMClient
+
+    seqs = [s["prompt_ids"] + s["completion_ids"] for s in random_sequences(5, seed=9)]
+    plens = [len(s["prompt_ids"]) for s in random_sequences(5, seed=9)]
+    out = VLLMClient(base_url=vllm_server.url).get_sequence_logprobs(seqs, plens, top_logprobs=4)
+    for i, (ids, pl) in enumerate(zip(seqs, plens, strict=True)):
+        full = reference_logprobs(ref_model, {"prompt_ids": ids[:pl], "completion_ids": ids[pl:]})
+        np.testing.assert_allclose(np.array(out["logprobs"][i]), full.topk(4).values.numpy(), atol=TOL)
+        actual = full.gather(1, torch.tensor(ids[pl:])[:, None])
+        np.testing.assert_allclose(np.array(out["actual_logprobs"][i]), actual.numpy(), atol=TOL)
+
+
 # ------------------------------------------------------------------------ conversion (pure, no engine)
 def _vllm_positions(full_P_V: torch.Tensor, ids: list[int], k: int, flat: bool):
     """Prompt log-probs built by vLLM's own container code from a full (P, V) log-prob matrix, exactly as

@@ -82,6 +82,7 @@ class OPDTrainer:
             self.acc.device,
             warn=self.acc.print,
             student_vocab_size=len(self.tokenizer),
+            student_tokenizer=self.tokenizer,
         )
         caps = self.teacher.capabilities
         self.acc.print(

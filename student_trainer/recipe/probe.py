@@ -269,7 +269,9 @@ class Prober:
         self.policy = HiddenStatesLM(model.to(self.acc.device))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.engine = build_rollout_engine(cfg, model, self.tokenizer, self.acc)
-        self.teacher = connect_teacher(cfg, tokenizer_fingerprint(self.tokenizer), warn=lambda _: None)
+        self.teacher = connect_teacher(
+            cfg, tokenizer_fingerprint(self.tokenizer), warn=lambda _: None, student_tokenizer=self.tokenizer
+        )
         self.infos = self.teacher.infos
         self.teacher_has_chat = self.teacher.has_chat_template
         self.student_has_chat = bool(getattr(self.tokenizer, "chat_template", None))

@@ -1,9 +1,10 @@
 """The teacher a config names, connected and checked against the student and the loss.
 
 ``train``, ``probe`` and ``preflight`` all call :func:`connect_teacher`: an HTTP endpoint pool for
-``teacher.urls`` or an in-process model for ``teacher.local``; the loss's row in ``opd.loss_table`` says
-which capabilities the teacher must have, and ``rollout.temperature`` other than 1 needs a teacher that
-scores at that temperature. Raises :class:`TeacherIncompatible` (tokenizers differ and the mismatch is not
+``teacher.urls`` (speaking ``teacher.protocol``: teacher-server's opd protocol, or a stock vLLM server's
+OpenAI API, checked by ``teacher.openai_connect``) or an in-process model for ``teacher.local``; the loss's
+row in ``opd.loss_table`` says which capabilities the teacher must have, and ``rollout.temperature`` other
+than 1 needs a teacher that scores at that temperature. Raises :class:`TeacherIncompatible` (tokenizers differ and the mismatch is not
 allowed, or a capability is missing) after releasing what was opened; warns (``warn``) when the teacher
 normalises over more ids than the student's tokenizer has.
 """
@@ -26,12 +27,17 @@ def connect_teacher(
     device: Any = None,
     warn: Any = print,
     student_vocab_size: int | None = None,
+    student_tokenizer: Any = None,
 ) -> Teacher:
     """The configured teacher; ``device`` is where an in-process teacher runs; ``warn`` gets the warnings
     (an explicitly allowed tokenizer mismatch, a teacher normalising over padded rows);
-    ``student_vocab_size``: ``len(student tokenizer)`` (default: the teacher's tokenizer length)."""
+    ``student_vocab_size``: ``len(student tokenizer)`` (default: the teacher's tokenizer length);
+    ``student_tokenizer``: the student's tokenizer, which ``teacher.protocol=openai`` compares with the
+    server's ``/tokenize`` (default: loaded from ``model.student``)."""
     if cfg.teacher.local:
         return _local(cfg, student_fingerprint, device)
+    if cfg.teacher.protocol == "openai":
+        return _openai(cfg, student_fingerprint, warn, student_tokenizer)
     return _remote(cfg, student_fingerprint, warn, student_vocab_size)
 
 
@@ -51,6 +57,22 @@ def _local(cfg: Config, student_fingerprint: str, device: Any) -> Teacher:
             "set teacher.allow_tokenizer_mismatch=true only if the ids agree"
         )
     return local
+
+
+def _openai(cfg: Config, student_fingerprint: str, warn: Any, tokenizer: Any) -> Teacher:
+    from student_trainer.teacher.openai_connect import connect_openai
+
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        m = cfg.model
+        tokenizer = AutoTokenizer.from_pretrained(m.student, trust_remote_code=m.trust_remote_code)
+    if tokenizer_fingerprint(tokenizer) != student_fingerprint:
+        raise TeacherIncompatible(
+            f"the student tokenizer given to connect_teacher ({tokenizer_fingerprint(tokenizer)}) is not the "
+            f"one fingerprinted ({student_fingerprint})"
+        )
+    return connect_openai(cfg, tokenizer, warn)
 
 
 def _remote(cfg: Config, student_fingerprint: str, warn: Any, student_vocab_size: int | None) -> Teacher:

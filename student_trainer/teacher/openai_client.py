@@ -39,8 +39,14 @@ import numpy as np
 from shared.wire import ScoredSequence
 from student_trainer.teacher.client import _gather
 from student_trainer.teacher.errors import TeacherInputError, TeacherProtocolError, TeacherRequestError
-from student_trainer.teacher.pool import ClientStats, Endpoint, EndpointPool, RetryPolicy, check_urls
-from student_trainer.teacher.pool import split_contiguous
+from student_trainer.teacher.pool import (
+    ClientStats,
+    Endpoint,
+    EndpointPool,
+    RetryPolicy,
+    check_urls,
+    split_contiguous,
+)
 
 T = TypeVar("T")
 _OFF_LOOP_BYTES = 1 << 20  # parse answers above this size in a worker thread (prompt_logprobs JSON is bulky)
@@ -80,7 +86,9 @@ def ordered_choices(doc: Any, n: int) -> list[Mapping[str, Any]]:
         raise ValueError("the answer has no 'choices' list")
     indices = sorted(c.get("index", -1) for c in choices)
     if indices != list(range(n)):
-        raise ValueError(f"{len(choices)} choices with indices {indices[:8]} for {n} prompts (want 0..{n - 1})")
+        raise ValueError(
+            f"{len(choices)} choices with indices {indices[:8]} for {n} prompts (want 0..{n - 1})"
+        )
     return sorted(choices, key=lambda c: c["index"])
 
 
@@ -96,7 +104,9 @@ def scored_sequence(
     t_len = int(completion_ids.shape[0])
     if not isinstance(prompt_logprobs, list) or len(prompt_logprobs) != prompt_len + t_len:
         got = len(prompt_logprobs) if isinstance(prompt_logprobs, list) else type(prompt_logprobs).__name__
-        raise ValueError(f"prompt_logprobs has {got} positions, want {prompt_len + t_len} (prompt + completion)")
+        raise ValueError(
+            f"prompt_logprobs has {got} positions, want {prompt_len + t_len} (prompt + completion)"
+        )
     logprobs_T = np.empty(t_len, np.float32)
     topk_ids_T_k = np.empty((t_len, top_k), np.int32)
     topk_logprobs_T_k = np.empty((t_len, top_k), np.float32)
@@ -106,7 +116,9 @@ def scored_sequence(
         if not isinstance(entries, Mapping) or str(actual) not in entries:
             raise ValueError(f"position {pos} (completion token {t}) lacks the actual token {actual}")
         if len(entries) not in (top_k, top_k + 1):
-            raise ValueError(f"position {pos} has {len(entries)} entries, want {top_k} or {top_k + 1} (top-k + token)")
+            raise ValueError(
+                f"position {pos} has {len(entries)} entries, want {top_k} or {top_k + 1} (top-k + token)"
+            )
         rows = []
         for key, entry in entries.items():
             lp = entry.get("logprob") if isinstance(entry, Mapping) else None
@@ -171,7 +183,10 @@ class OpenAIClient:
         seed: int | None = None,
     ) -> None:
         self.urls = check_urls([urls] if isinstance(urls, str) else list(urls))
-        for name, value in (("max_sequences_per_request", max_sequences_per_request), ("timeout_s", timeout_s)):
+        for name, value in (
+            ("max_sequences_per_request", max_sequences_per_request),
+            ("timeout_s", timeout_s),
+        ):
             if not value > 0:
                 raise TeacherInputError(f"{name} must be positive, got {value}")
         self.retry = RetryPolicy(max_wait_s=max_wait_s, max_attempts=max_attempts)
@@ -206,7 +221,12 @@ class OpenAIClient:
         deadline = deadline if deadline is not None else time.monotonic() + self.retry.max_wait_s
         try:
             reply = await self.pool.request(
-                method, path, content=content, headers=self._headers, deadline=deadline, endpoint=self._endpoint(url)
+                method,
+                path,
+                content=content,
+                headers=self._headers,
+                deadline=deadline,
+                endpoint=self._endpoint(url),
             )
         except TeacherRequestError as exc:  # the pool reads {"error": {...}}; also the other shapes
             message = server_message(exc.message)
@@ -227,7 +247,9 @@ class OpenAIClient:
             _, doc = await self._call("GET", "/v1/models", url=url)
             data = doc.get("data") if isinstance(doc, Mapping) else None
             if not isinstance(data, list) or not data or not isinstance(data[0].get("id"), str):
-                raise TeacherProtocolError(f"teacher {url}/v1/models: no model in 'data' (answer: {str(doc)[:200]})")
+                raise TeacherProtocolError(
+                    f"teacher {url}/v1/models: no model in 'data' (answer: {str(doc)[:200]})"
+                )
             length = data[0].get("max_model_len")
             return OpenAIServer(url, data[0]["id"], length if isinstance(length, int) else None)
 
@@ -271,7 +293,9 @@ class OpenAIClient:
         answered, doc = await self._call("POST", "/tokenize", body, url)
         tokens = doc.get("tokens") if isinstance(doc, Mapping) else None
         if not isinstance(tokens, list) or not all(isinstance(i, int) for i in tokens):
-            raise TeacherProtocolError(f"teacher {answered}/tokenize: no 'tokens' id list (answer: {str(doc)[:200]})")
+            raise TeacherProtocolError(
+                f"teacher {answered}/tokenize: no 'tokens' id list (answer: {str(doc)[:200]})"
+            )
         return doc
 
     def _model(self) -> str:
@@ -309,11 +333,17 @@ class OpenAIClient:
 
         async def run(a: int, b: int) -> None:
             ids = [[*prompts[i], *completions[i].tolist()] for i in range(a, b)]
-            answered, doc = await self._call("POST", "/v1/completions", completions_body(model, ids, top_k), url, deadline)
-            results[a:b] = await asyncio.to_thread(self._read, answered, doc, prompts[a:b], completions[a:b], top_k, a)
+            answered, doc = await self._call(
+                "POST", "/v1/completions", completions_body(model, ids, top_k), url, deadline
+            )
+            results[a:b] = await asyncio.to_thread(
+                self._read, answered, doc, prompts[a:b], completions[a:b], top_k, a
+            )
 
         parts = 1 if url else len(self.urls)
-        await _gather([run(a, b) for a, b in split_contiguous(lengths, parts, self.max_sequences, self.max_tokens)])
+        await _gather(
+            [run(a, b) for a, b in split_contiguous(lengths, parts, self.max_sequences, self.max_tokens)]
+        )
         return results  # type: ignore[return-value]  # every slot was filled by exactly one chunk
 
     @staticmethod
@@ -335,7 +365,11 @@ class OpenAIClient:
 
     async def _prompt_ids(self, sequences: Sequence[Mapping[str, Any]]) -> list[list[int]]:
         """Token-form prompts as given; chat-form ones rendered by the server (each distinct one once)."""
-        chats = {json.dumps(list(s["messages"]), sort_keys=True): s["messages"] for s in sequences if "messages" in s}
+        chats = {
+            json.dumps(list(s["messages"]), sort_keys=True): s["messages"]
+            for s in sequences
+            if "messages" in s
+        }
         rendered = dict(zip(chats, await _gather([self.render_chat(m) for m in chats.values()]), strict=True))
         out = []
         for i, s in enumerate(sequences):
@@ -352,7 +386,9 @@ class OpenAIClient:
             raise TeacherInputError(f"top_k: {top_k!r} must be an integer >= 0")
         if entropy or candidates is not None:
             what = "entropy" if entropy else "candidate_ids"
-            raise TeacherInputError(f"{what}: an OpenAI-protocol teacher returns only prompt_logprobs (top-k)")
+            raise TeacherInputError(
+                f"{what}: an OpenAI-protocol teacher returns only prompt_logprobs (top-k)"
+            )
         if temperature != 1.0:
             raise TeacherInputError(
                 f"temperature: {temperature} — vLLM's prompt_logprobs are at temperature 1 only (raw logits)"
@@ -362,7 +398,9 @@ class OpenAIClient:
         """Refuse here what the server would answer 400: an empty prompt, a sequence over its context."""
         for i, (p, n) in enumerate(zip(prompts, lengths, strict=True)):
             if not p:
-                raise TeacherInputError(f"sequences[{i}]: the prompt is empty; the first token has no log-prob")
+                raise TeacherInputError(
+                    f"sequences[{i}]: the prompt is empty; the first token has no log-prob"
+                )
             # max_tokens=1 needs one position after the sequence
             if self.max_model_len is not None and n + 1 > self.max_model_len:
                 raise TeacherInputError(
@@ -410,7 +448,9 @@ class SyncOpenAIClient:
     def render_chat(self, messages: Sequence[Mapping[str, str]], url: str | None = None) -> list[int]:
         return self._submit(self.client.render_chat(messages, url)).result()
 
-    def score_future(self, sequences: Sequence[Mapping[str, Any]], **kwargs: Any) -> concurrent.futures.Future:
+    def score_future(
+        self, sequences: Sequence[Mapping[str, Any]], **kwargs: Any
+    ) -> concurrent.futures.Future:
         return self._submit(self.client.score(sequences, **kwargs))
 
     def score(self, sequences: Sequence[Mapping[str, Any]], **kwargs: Any) -> list[ScoredSequence]:
