@@ -144,18 +144,7 @@ class OpenAIServer:
     async def request(self, client: httpx.AsyncClient, seqs: list[dict]) -> tuple[list, int]:
         prompts = [s["prompt_ids"] + s["completion_ids"] for s in seqs]
         doc = {"model": self.model, "prompt": prompts, "max_tokens": 1, "prompt_logprobs": self.k}
-        r = await client.post(self.url + "/v1/completions", json=doc)
-        r.raise_for_status()
-        choices = sorted(r.json()["choices"], key=lambda c: c["index"])
-        out = []
-        for seq, choice in zip(seqs, choices, strict=True):
-            positions = [
-                None if pos is None else {int(t): _Lp(v["logprob"], v["rank"]) for t, v in pos.items()}
-                for pos in choice["prompt_logprobs"]
-            ]
-            comp = np.asarray(seq["completion_ids"])
-            out.append(completion_rows(positions, comp, len(seq["prompt_ids"]), self.k))
-        return out, len(r.content)
+        return await post_completions(client, self.url, doc, seqs, self.k)
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -174,6 +163,25 @@ class _Lp:
 
     def __init__(self, logprob: float, rank: int | None) -> None:
         self.logprob, self.rank = logprob, rank
+
+
+async def post_completions(
+    client: httpx.AsyncClient, url: str, doc: dict, seqs: list[dict], k: int
+) -> tuple[list, int]:
+    """POST ``doc`` to ``url``/v1/completions and parse vLLM's ``prompt_logprobs`` into the completion rows
+    (logprobs_T, topk_ids_T_K, topk_logprobs_T_K) of each sequence; returns (rows, response bytes)."""
+    r = await client.post(url + "/v1/completions", json=doc)
+    r.raise_for_status()
+    choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+    out = []
+    for seq, choice in zip(seqs, choices, strict=True):
+        positions = [
+            None if pos is None else {int(t): _Lp(v["logprob"], v["rank"]) for t, v in pos.items()}
+            for pos in choice["prompt_logprobs"]
+        ]
+        comp = np.asarray(seq["completion_ids"])
+        out.append(completion_rows(positions, comp, len(seq["prompt_ids"]), k))
+    return out, len(r.content)
 
 
 class Raw:
@@ -238,8 +246,9 @@ def timed(system, seqs: list[dict], args: argparse.Namespace) -> dict:
     )
 
 
-def make_sequences(args: argparse.Namespace, vocab: int) -> list[dict]:
-    rng = np.random.default_rng(args.seed)
+def make_sequences(args: argparse.Namespace, vocab: int, seed: int | None = None) -> list[dict]:
+    """``args.sequences`` uniform random id sequences of the workload's shape (seed: ``args.seed``)."""
+    rng = np.random.default_rng(args.seed if seed is None else seed)
     return [
         {
             "prompt_ids": rng.integers(0, vocab, args.prompt_len).tolist(),
@@ -260,8 +269,8 @@ def max_disagreement(seqs: list[dict], raw_out: list, served: list, k: int) -> f
     return worst
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    """The workload and engine options every vLLM scoring benchmark shares."""
     p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "bench_vllm_score"))
     p.add_argument("--sequences", type=int, default=48)
     p.add_argument("--prompt-len", type=int, default=128)
@@ -272,14 +281,20 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--kv-mib", type=int, default=512, help="KV cache per engine (MiB)")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
 
+
+def tiny_model(args: argparse.Namespace) -> tuple[Path, int]:
+    """The benchmark model under ``--work-dir`` (built once) and its tokenizer's size."""
     model = Path(args.work_dir) / "model"
     if not (model / "config.json").exists():
         save_tiny(model, SPEC, seed=0)
     from transformers import AutoTokenizer
 
-    seqs = make_sequences(args, len(AutoTokenizer.from_pretrained(model)))
+    return model, len(AutoTokenizer.from_pretrained(model))
+
+
+def describe_workload(model: Path, seqs: list[dict], args: argparse.Namespace) -> tuple[int, int]:
+    """Print the model and workload lines; returns (tokens, scored positions) of one pass over ``seqs``."""
     tokens = sum(len(s["prompt_ids"]) + len(s["completion_ids"]) for s in seqs)
     positions = sum(len(s["completion_ids"]) for s in seqs)
     print(f"model {SPEC} at {model}")
@@ -287,54 +302,87 @@ def main() -> None:
         f"workload: {len(seqs)} sequences x ({args.prompt_len} prompt + {args.completion_len} completion) = "
         f"{tokens} tokens, top_k={args.top_k}, {args.per_request} per request, {args.clients} in flight"
     )
+    return tokens, positions
+
+
+def start(cls, model: Path, args: argparse.Namespace):
+    """Start one system and say how long it took."""
+    t0 = time.perf_counter()
+    system = cls(model, args)
+    print(f"started {cls.name} in {time.perf_counter() - t0:.0f}s", flush=True)
+    return system
+
+
+def rotated_rounds(systems: list, args: argparse.Namespace, seqs_for) -> dict[str, list[dict]]:
+    """``args.rounds`` timed passes of every system, rotating the order each round so machine noise hits
+    all of them; ``seqs_for(round, system)`` gives a pass's sequences. Returns the runs per system name."""
+    runs: dict[str, list[dict]] = {s.name: [] for s in systems}
+    for r in range(args.rounds):
+        shift = r % len(systems)
+        for s in systems[shift:] + systems[:shift]:
+            run = timed(s, seqs_for(r, s), args)
+            runs[s.name].append(run)
+            print(
+                f"round {r} {s.name}: {run['wall']:.2f}s wall, frontend CPU {run['frontend_cpu']:.2f}s, "
+                f"client CPU {run['client_cpu']:.2f}s",
+                flush=True,
+            )
+    return runs
+
+
+def median(runs: dict[str, list[dict]], name: str, key: str) -> float:
+    return float(np.median([run[key] for run in runs[name]]))
+
+
+def print_table(
+    runs: dict[str, list[dict]], tokens: int, positions: int, in_process: str | None = None
+) -> dict[str, float]:
+    """The results table (medians over rounds); returns tokens/s per system name."""
+    tps = {name: tokens / median(runs, name, "wall") for name in runs}
+    print("\n| system | median wall s | tokens/s | bytes / scored position | frontend CPU s | client CPU s |")
+    print("|---|---|---|---|---|---|")
+    for name in runs:
+        nbytes = runs[name][-1]["bytes"]
+        bpp = f"{nbytes / positions:.0f}" if nbytes else "- (in-process)"
+        front = f"{median(runs, name, 'frontend_cpu'):.2f}" if name != in_process else "(in client)"
+        print(
+            f"| {name} | {median(runs, name, 'wall'):.2f} | {tps[name]:.0f} | {bpp} | {front} | "
+            f"{median(runs, name, 'client_cpu'):.2f} |"
+        )
+    return tps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_workload_args(p)
+    args = p.parse_args()
+
+    model, vocab = tiny_model(args)
+    seqs = make_sequences(args, vocab)
+    tokens, positions = describe_workload(model, seqs, args)
 
     systems: list = []
     try:
         for cls in (Raw, Ours, OpenAIServer):
-            t0 = time.perf_counter()
-            systems.append(cls(model, args))
-            print(f"started {cls.name} in {time.perf_counter() - t0:.0f}s", flush=True)
+            systems.append(start(cls, model, args))
         warm = seqs[: args.per_request]
         for s in systems:
             timed(s, warm, args)
-        runs: dict[str, list[dict]] = {s.name: [] for s in systems}
-        for r in range(args.rounds):
-            order = systems[r % 3 :] + systems[: r % 3]
-            for s in order:
-                run = timed(s, seqs, args)
-                runs[s.name].append(run)
-                print(
-                    f"round {r} {s.name}: {run['wall']:.2f}s wall, frontend CPU {run['frontend_cpu']:.2f}s, "
-                    f"client CPU {run['client_cpu']:.2f}s",
-                    flush=True,
-                )
+        runs = rotated_rounds(systems, args, lambda r, s: seqs)
     finally:
         for s in systems:
             s.close()
 
     raw, ours, oai = (s.name for s in systems)
-
-    def med(name: str, key: str) -> float:
-        return float(np.median([run[key] for run in runs[name]]))
-
-    tps = {name: tokens / med(name, "wall") for name in runs}
+    tps = print_table(runs, tokens, positions, in_process=raw)
     nbytes = {name: runs[name][-1]["bytes"] for name in runs}
-    print("\n| system | median wall s | tokens/s | bytes / scored position | frontend CPU s | client CPU s |")
-    print("|---|---|---|---|---|---|")
-    for name in runs:
-        bpp = f"{nbytes[name] / positions:.0f}" if nbytes[name] else "- (in-process)"
-        front = f"{med(name, 'frontend_cpu'):.2f}" if name != raw else "(in client)"
-        print(
-            f"| {name} | {med(name, 'wall'):.2f} | {tps[name]:.0f} | {bpp} | {front} | "
-            f"{med(name, 'client_cpu'):.2f} |"
-        )
     print(f"\nours / raw throughput:        {tps[ours] / tps[raw]:.3f}   (target >= 0.9)")
     print(f"ours / openai throughput:     {tps[ours] / tps[oai]:.2f}x  (target >= 1.5x)")
     print(f"openai / ours bytes:          {nbytes[oai] / nbytes[ours]:.1f}x  (target >= 8x)")
     print(
         "openai / ours CPU per pass:   "
-        f"server {med(oai, 'frontend_cpu') / med(ours, 'frontend_cpu'):.1f}x, "
-        f"client {med(oai, 'client_cpu') / med(ours, 'client_cpu'):.1f}x  "
+        f"server {median(runs, oai, 'frontend_cpu') / median(runs, ours, 'frontend_cpu'):.1f}x, "
+        f"client {median(runs, oai, 'client_cpu') / median(runs, ours, 'client_cpu'):.1f}x  "
         "(work outside the engine: what bounds throughput once the model is fast)"
     )
     last = {name: runs[name][-1]["rows"] for name in runs}

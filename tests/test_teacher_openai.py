@@ -276,8 +276,8 @@ def test_scores_equal_a_transformers_forward(top_k, vllm_openai, reference):
 @pytest.mark.vllm
 def test_chat_prompts_are_rendered_by_the_server_template(vllm_openai, tokenizer, reference):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 3 + 4?"}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    ids = ids["input_ids"] if isinstance(ids, dict) else list(ids)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # as teacher-server renders chat prompts
     completion = np.array(tokenizer("7, because 3 + 4 = 7.", add_special_tokens=False)["input_ids"])
     with SyncOpenAIClient(vllm_openai.url) as client:
         client.servers()
@@ -359,6 +359,7 @@ def test_training_against_a_stock_vllm_server_lowers_kl(vllm_openai, tiny_pair, 
     OPDTrainer(load_config(None, _overrides(tiny_pair[1], vllm_openai.url, prompts, tmp_path, steps))).train()
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
-    kl = [r["opd/reverse_kl"] for r in rows]
-    assert np.mean(kl[-4:]) < 0.8 * np.mean(kl[:4]), kl
+    kl0, kl1 = (np.mean([r["opd/reverse_kl"] for r in part]) for part in (rows[:4], rows[-4:]))
+    ov0, ov1 = (np.mean([r["opd/overlap_ratio"] for r in part]) for part in (rows[:4], rows[-4:]))
+    assert kl1 < 0.9 * kl0 and ov1 > ov0, (kl0, kl1, ov0, ov1)  # measured: KL 3.15 -> 2.40, overlap 0.03 -> 0.13
     assert rows[-1]["teacher/requests"] >= 2 and rows[-1]["teacher/failures"] == 0
