@@ -47,6 +47,12 @@ def vllm_openai(tiny_pair):
         yield proc
 
 
+@pytest.fixture(params=[pytest.param("vllm", marks=pytest.mark.vllm), "teacher-server"])
+def openai_url(request) -> str:
+    """The URL of an OpenAI-protocol teacher: stock vLLM, or our own teacher-server (hf backend, conftest)."""
+    return request.getfixturevalue("vllm_openai" if request.param == "vllm" else "hf_teacher").url
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tiny_pair):
     from transformers import AutoTokenizer
@@ -254,15 +260,13 @@ def test_a_server_without_tokenize_is_refused_and_old_error_bodies_read(
 
 
 # ---------------------------------------------------------------------------------------------- vLLM server
-@pytest.mark.vllm
 @pytest.mark.parametrize("top_k", [16, 0])
-def test_scores_equal_a_transformers_forward(top_k, vllm_openai, reference):
-    seqs = _sequences(
-        top_k, [(1, 5), (7, 30), (40, 3), (12, MAX_LEN - 1 - 12)]
-    )  # the last one fills the context
-    with SyncOpenAIClient([vllm_openai.url], max_sequences_per_request=2) as client:
+def test_scores_equal_a_transformers_forward(top_k, openai_url, reference):
+    # the last sequence fills the context: max_model_len minus the one token a completion request generates
+    seqs = _sequences(top_k, [(1, 5), (7, 30), (40, 3), (12, MAX_LEN - 1 - 12)])
+    with SyncOpenAIClient([openai_url], max_sequences_per_request=2) as client:
         servers = client.servers()
-        assert servers[vllm_openai.url].max_model_len == MAX_LEN
+        assert servers[openai_url].max_model_len == MAX_LEN
         client.take_stats()
         scored = client.score(seqs, top_k=top_k)
         assert client.take_stats().requests == 2  # 4 sequences, 2 per request
@@ -350,16 +354,24 @@ def test_a_dead_url_among_two_costs_retries_not_results(vllm_openai):
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-6)
 
 
-@pytest.mark.vllm
-def test_training_against_a_stock_vllm_server_lowers_kl(vllm_openai, tiny_pair, prompts, tmp_path):
+@pytest.mark.parametrize("loss", ["teacher_topk", "sampled_token"])
+def test_training_over_the_openai_protocol_lowers_kl(loss, openai_url, tiny_pair, prompts, tmp_path):
     from student_trainer.opd.trainer import OPDTrainer
     from student_trainer.tracking import read_jsonl
 
     steps = 20
-    OPDTrainer(load_config(None, _overrides(tiny_pair[1], vllm_openai.url, prompts, tmp_path, steps))).train()
+    extra = {"loss.type": loss}
+    OPDTrainer(
+        load_config(None, _overrides(tiny_pair[1], openai_url, prompts, tmp_path, steps, **extra))
+    ).train()
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     kl0, kl1 = (np.mean([r["opd/reverse_kl"] for r in part]) for part in (rows[:4], rows[-4:]))
     ov0, ov1 = (np.mean([r["opd/overlap_ratio"] for r in part]) for part in (rows[:4], rows[-4:]))
-    assert kl1 < 0.9 * kl0 and ov1 > ov0, (kl0, kl1, ov0, ov1)  # measured: KL 3.15 -> 2.40, overlap 0.03 -> 0.13
+    assert kl1 < 0.9 * kl0 and ov1 > ov0, (
+        kl0,
+        kl1,
+        ov0,
+        ov1,
+    )  # measured: KL 3.15 -> 2.40, overlap 0.03 -> 0.13
     assert rows[-1]["teacher/requests"] >= 2 and rows[-1]["teacher/failures"] == 0

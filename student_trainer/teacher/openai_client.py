@@ -84,7 +84,7 @@ def ordered_choices(doc: Any, n: int) -> list[Mapping[str, Any]]:
     choices = doc.get("choices") if isinstance(doc, Mapping) else None
     if not isinstance(choices, list) or not all(isinstance(c, Mapping) for c in choices):
         raise ValueError("the answer has no 'choices' list")
-    indices = sorted(c.get("index", -1) for c in choices)
+    indices = sorted(c["index"] if isinstance(c.get("index"), int) else -1 for c in choices)
     if indices != list(range(n)):
         raise ValueError(
             f"{len(choices)} choices with indices {indices[:8]} for {n} prompts (want 0..{n - 1})"
