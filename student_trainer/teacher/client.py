@@ -439,20 +439,20 @@ async def _gather(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
 # ---------------------------------------------------------------------------------------- sync facade
 
 
-class SyncTeacherClient:
-    """Blocking facade over :class:`TeacherClient`, which runs on a private event-loop thread.
+class SyncFacade:
+    """A client that lives on a private event-loop thread, with the blocking calls every teacher client has.
 
-    ``score_future`` returns a ``concurrent.futures.Future``: a training loop can send a micro-batch to the
-    teacher and generate the next one while it is scored.
+    ``factory`` builds the async client on that loop. ``score_future`` returns a ``concurrent.futures.Future``:
+    a training loop can send a micro-batch to the teacher and generate the next one while it is scored.
     """
 
-    def __init__(self, urls: str | Sequence[str], **kwargs: Any) -> None:
+    def __init__(self, factory: Callable[[], Any], thread_name: str) -> None:
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="teacher-client", daemon=True)
+        self._thread = threading.Thread(target=self._loop.run_forever, name=thread_name, daemon=True)
         self._thread.start()
 
-        async def make() -> TeacherClient:
-            return TeacherClient(urls, **kwargs)
+        async def make() -> Any:
+            return factory()
 
         try:
             self.client = self._submit(make()).result()
@@ -463,17 +463,11 @@ class SyncTeacherClient:
     def _submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
-    def model_info(self) -> dict[str, ModelInfo]:
-        return self._submit(self.client.model_info()).result()
-
     def score_future(self, sequences: Sequence[Any], **kwargs: Any) -> concurrent.futures.Future:
         return self._submit(self.client.score(sequences, **kwargs))
 
     def score(self, sequences: Sequence[Any], **kwargs: Any) -> list[ScoredSequence]:
         return self.score_future(sequences, **kwargs).result()
-
-    def generate(self, prompts: Sequence[Any], **kwargs: Any) -> list[list[GeneratedSample]]:
-        return self._submit(self.client.generate(prompts, **kwargs)).result()
 
     def take_stats(self) -> ClientStats:
         return self.client.take_stats()
@@ -488,8 +482,21 @@ class SyncTeacherClient:
         self._thread.join()
         self._loop.close()
 
-    def __enter__(self) -> SyncTeacherClient:
+    def __enter__(self) -> Any:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class SyncTeacherClient(SyncFacade):
+    """Blocking facade over :class:`TeacherClient`, which runs on a private event-loop thread."""
+
+    def __init__(self, urls: str | Sequence[str], **kwargs: Any) -> None:
+        super().__init__(lambda: TeacherClient(urls, **kwargs), "teacher-client")
+
+    def model_info(self) -> dict[str, ModelInfo]:
+        return self._submit(self.client.model_info()).result()
+
+    def generate(self, prompts: Sequence[Any], **kwargs: Any) -> list[list[GeneratedSample]]:
+        return self._submit(self.client.generate(prompts, **kwargs)).result()

@@ -24,12 +24,10 @@ drives either protocol.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import json
 import math
-import threading
 import time
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -37,7 +35,7 @@ import httpx
 import numpy as np
 
 from shared.wire import ScoredSequence
-from student_trainer.teacher.client import _gather
+from student_trainer.teacher.client import SyncFacade, _gather
 from student_trainer.teacher.errors import TeacherInputError, TeacherProtocolError, TeacherRequestError
 from student_trainer.teacher.pool import (
     ClientStats,
@@ -414,26 +412,12 @@ class OpenAIClient:
 # ---------------------------------------------------------------------------------------- sync facade
 
 
-class SyncOpenAIClient:
+class SyncOpenAIClient(SyncFacade):
     """Blocking facade over :class:`OpenAIClient` on a private event-loop thread; ``score_future`` returns a
     ``concurrent.futures.Future`` so a micro-batch is scored while the next one is generated."""
 
     def __init__(self, urls: str | Sequence[str], **kwargs: Any) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="teacher-openai", daemon=True)
-        self._thread.start()
-
-        async def make() -> OpenAIClient:
-            return OpenAIClient(urls, **kwargs)
-
-        try:
-            self.client = self._submit(make()).result()
-        except BaseException:
-            self._stop_loop()
-            raise
-
-    def _submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+        super().__init__(lambda: OpenAIClient(urls, **kwargs), "teacher-openai")
 
     @property
     def urls(self) -> list[str]:
@@ -447,30 +431,3 @@ class SyncOpenAIClient:
 
     def render_chat(self, messages: Sequence[Mapping[str, str]], url: str | None = None) -> list[int]:
         return self._submit(self.client.render_chat(messages, url)).result()
-
-    def score_future(
-        self, sequences: Sequence[Mapping[str, Any]], **kwargs: Any
-    ) -> concurrent.futures.Future:
-        return self._submit(self.client.score(sequences, **kwargs))
-
-    def score(self, sequences: Sequence[Mapping[str, Any]], **kwargs: Any) -> list[ScoredSequence]:
-        return self.score_future(sequences, **kwargs).result()
-
-    def take_stats(self) -> ClientStats:
-        return self.client.take_stats()
-
-    def close(self) -> None:
-        if self._loop.is_running():
-            self._submit(self.client.aclose()).result()
-            self._stop_loop()
-
-    def _stop_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
-
-    def __enter__(self) -> SyncOpenAIClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

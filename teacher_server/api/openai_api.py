@@ -298,16 +298,22 @@ def _span(plan: _Plan, prompt: list[int], c: _Choice, index: int) -> tuple[Any, 
     return None
 
 
-async def _choices(
-    state: ServerState, req: CompletionRequest, prompts: list[_Prompt], plan: _Plan
-) -> list[_Choice]:
-    samples = await _sample(state, req, prompts, plan)
+def _drafts(samples: list[list[GeneratedSample]], n: int) -> list[_Choice]:
+    """Choices in response order: a prompt's samples, or ``n`` empty ones (score only, or a greedy token
+    still to be read off the scores)."""
     choices: list[_Choice] = []
-    for i in range(len(prompts)):
-        if samples[i]:
-            choices += [_Choice(i, s.completion_ids.tolist(), s.text, s.finish_reason) for s in samples[i]]
-        else:  # score only, or the greedy token read off the scores below
-            choices += [_Choice(i, [], "", "length") for _ in range(req.n)]
+    for i, group in enumerate(samples):
+        if group:
+            choices += [_Choice(i, s.completion_ids.tolist(), s.text, s.finish_reason) for s in group]
+        else:
+            choices += [_Choice(i, [], "", "length") for _ in range(n)]
+    return choices
+
+
+async def _attach_scores(
+    state: ServerState, plan: _Plan, prompts: list[_Prompt], choices: list[_Choice]
+) -> None:
+    """Score every span the choices need (each once) and hang the rows on the choices."""
     spans: dict[Any, tuple[list[int], int]] = {}
     keys = []
     for index, c in enumerate(choices):
@@ -315,20 +321,38 @@ async def _choices(
         keys.append(None if span is None else span[0])
         if span is not None:
             spans.setdefault(span[0], (span[1], span[2]))
-    if spans:
-        jobs = _jobs([(ids[:st], ids[st:]) for ids, st in spans.values()], plan, state)
-        scored = await service.score(state, jobs)
-        rows = {k: ScoredPositions(r, st) for (k, (_, st)), r in zip(spans.items(), scored, strict=True)}
+    if not spans:
+        return
+    jobs = _jobs([(ids[:st], ids[st:]) for ids, st in spans.values()], plan, state)
+    scored = await service.score(state, jobs)
+    rows = {k: ScoredPositions(r, st) for (k, (_, st)), r in zip(spans.items(), scored, strict=True)}
+    if plan.greedy_from_scores:
+        tok, eos = state.backend.tokenizer, set(state.info.eos_token_ids)
+        greedy = {k: greedy_fixup(r.scored)[1] for k, r in rows.items()}
+    for c, key in zip(choices, keys, strict=True):
+        c.rows = None if key is None else rows[key]
         if plan.greedy_from_scores:
-            tok, eos = state.backend.tokenizer, set(state.info.eos_token_ids)
-            greedy = {k: greedy_fixup(r.scored)[1] for k, r in rows.items()}
-        for c, key in zip(choices, keys, strict=True):
-            c.rows = None if key is None else rows[key]
-            if plan.greedy_from_scores:
-                token = greedy[key]
-                c.completion_ids = [token]
-                c.text = tok.decode([token], skip_special_tokens=True)
-                c.finish_reason = "stop" if token in eos else "length"
+            token = greedy[key]
+            c.completion_ids = [token]
+            c.text = tok.decode([token], skip_special_tokens=True)
+            c.finish_reason = "stop" if token in eos else "length"
+
+
+async def _choices(
+    state: ServerState, req: CompletionRequest, prompts: list[_Prompt], plan: _Plan
+) -> list[_Choice]:
+    if plan.sample_side and not plan.greedy_from_scores:  # the sampled tokens are scored too: sample first
+        choices = _drafts(await _sample(state, req, prompts, plan), req.n)
+        await _attach_scores(state, plan, prompts, choices)
+        return choices
+    # Only the prompt side is scored (TRL's teacher request): score first, then sample. On the vllm backend
+    # the one-token sample then finds the prompt in the prefix cache the scoring pass just filled instead of
+    # prefilling it again (docs/BENCHMARKS.md, section 2b).
+    choices = _drafts([[] for _ in prompts], req.n)
+    await _attach_scores(state, plan, prompts, choices)
+    samples = await _sample(state, req, prompts, plan)
+    for c, s in zip(choices, (s for group in samples for s in group), strict=False):
+        c.completion_ids, c.text, c.finish_reason = s.completion_ids.tolist(), s.text, s.finish_reason
     return choices
 
 
