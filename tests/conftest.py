@@ -26,6 +26,18 @@ def tiny_pair(tmp_path_factory):
     return build_tiny_pair(tmp_path_factory.mktemp("tiny"), seed=0)
 
 
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    """A JSONL file of 48 small addition questions (the end-to-end training runs' data)."""
+    import json
+
+    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
+    with path.open("w") as f:
+        for i in range(48):
+            f.write(json.dumps({"question": f"What is {i * 7 % 50} + {i * 3 % 20}?", "answer": "0"}) + "\n")
+    return path
+
+
 @pytest.fixture(scope="session")
 def hf_teacher(tiny_pair):
     """A real `teacher-server` subprocess (transformers backend) serving the tiny teacher over HTTP."""

@@ -14,8 +14,6 @@ HTTP app for what a stock vLLM 0.32 cannot show (no /tokenize, the older error b
 from __future__ import annotations
 
 import importlib.util
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,15 +70,6 @@ def reference(tiny_pair):
             return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
 
     return logprobs
-
-
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
-    with path.open("w") as f:
-        for i in range(48):
-            f.write(json.dumps({"question": f"What is {i * 7 % 50} + {i * 3 % 20}?", "answer": "0"}) + "\n")
-    return path
 
 
 def _overrides(student, url, data, out, steps, **extra) -> list[str]:

@@ -10,7 +10,6 @@ tokenizer, real HTTP, real optimisation.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -25,15 +24,6 @@ from devkit.teacher_process import TeacherProcess
 from student_trainer.config import load_config
 from student_trainer.opd.trainer import OPDTrainer
 from student_trainer.tracking import read_jsonl
-
-
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
-    with path.open("w") as f:
-        for i in range(48):
-            f.write(json.dumps({"question": f"What is {i * 7 % 50} + {i * 3 % 20}?", "answer": "0"}) + "\n")
-    return path
 
 
 def overrides(student, url, data, out, steps, **extra) -> list[str]:

@@ -15,7 +15,7 @@ import os
 from typing import Any
 
 from shared.fingerprint import tokenizer_fingerprint
-from student_trainer.config import Config
+from student_trainer.config import Config, TeacherConfig
 from student_trainer.opd.loss_table import loss_spec
 from student_trainer.teacher.base import Teacher
 from student_trainer.teacher.errors import TeacherIncompatible
@@ -39,6 +39,16 @@ def connect_teacher(
     if cfg.teacher.protocol == "openai":
         return _openai(cfg, student_fingerprint, warn, student_tokenizer)
     return _remote(cfg, student_fingerprint, warn, student_vocab_size)
+
+
+def client_options(t: TeacherConfig) -> dict[str, Any]:
+    """The HTTP client settings of ``teacher.*`` shared by both protocols (key default: $TEACHER_API_KEY)."""
+    return {
+        "api_key": t.api_key or os.environ.get("TEACHER_API_KEY"),
+        "timeout_s": t.timeout_s,
+        "max_wait_s": t.max_retry_wait_s,
+        "max_sequences_per_request": t.max_sequences_per_request,
+    }
 
 
 def _local(cfg: Config, student_fingerprint: str, device: Any) -> Teacher:
@@ -81,13 +91,7 @@ def _remote(cfg: Config, student_fingerprint: str, warn: Any, student_vocab_size
     from student_trainer.teacher.remote import RemoteTeacher
 
     t, lo = cfg.teacher, cfg.loss
-    client = SyncTeacherClient(
-        t.urls,
-        api_key=t.api_key or os.environ.get("TEACHER_API_KEY"),
-        timeout_s=t.timeout_s,
-        max_wait_s=t.max_retry_wait_s,
-        max_sequences_per_request=t.max_sequences_per_request,
-    )
+    client = SyncTeacherClient(t.urls, **client_options(t))
     try:
         infos = client.model_info()
         warnings = check_compatibility(

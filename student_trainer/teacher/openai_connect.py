@@ -19,13 +19,13 @@ teacher is a :class:`~student_trainer.teacher.remote.RemoteTeacher` over :class:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from shared.fingerprint import tokenizer_fingerprint
 from shared.protocol import Capabilities, ModelInfo
 from student_trainer.config import TEACHER_PROTOCOLS, Config, protocol_refusal
+from student_trainer.teacher.connect import client_options
 from student_trainer.teacher.errors import TeacherIncompatible, TeacherRequestError
 from student_trainer.teacher.openai_client import OpenAIServer, SyncOpenAIClient
 from student_trainer.teacher.remote import RemoteTeacher
@@ -76,13 +76,7 @@ def connect_openai(cfg: Config, student_tokenizer: Any, warn: Any = print) -> Re
     refusal = protocol_refusal("openai", lo.type, cfg.rollout.temperature)
     if refusal:
         raise TeacherIncompatible(refusal)
-    client = SyncOpenAIClient(
-        t.urls,
-        api_key=t.api_key or os.environ.get("TEACHER_API_KEY"),
-        timeout_s=t.timeout_s,
-        max_wait_s=t.max_retry_wait_s,
-        max_sequences_per_request=t.max_sequences_per_request,
-    )
+    client = SyncOpenAIClient(t.urls, **client_options(t))
     try:
         warnings: list[str] = []
         servers = client.servers()
