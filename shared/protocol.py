@@ -41,6 +41,58 @@ class ChatMessage(_Strict):
     content: str
 
 
+# apply_chat_template's own arguments: a chat_template_kwargs key may not override them (tokenize=True would
+# return ids where text is expected, messages would replace the conversation)
+RESERVED_CHAT_TEMPLATE_KWARGS = frozenset(
+    {
+        "add_generation_prompt",
+        "chat_template",
+        "continue_final_message",
+        "conversation",
+        "documents",
+        "max_length",
+        "messages",
+        "padding",
+        "processor_kwargs",
+        "return_assistant_tokens_mask",
+        "return_dict",
+        "return_tensors",
+        "tokenize",
+        "tokenizer_kwargs",
+        "tools",
+        "truncation",
+    }
+)
+ChatTemplateValue = str | int | float | bool | None
+CHAT_TEMPLATE_KWARGS_DOC = (
+    "chat form only: extra variables for the chat template, passed to apply_chat_template as keyword "
+    'arguments (e.g. {"enable_thinking": false} for Qwen3; vLLM\'s name); string keys, values string, '
+    "number, boolean or null"
+)
+
+
+def check_chat_template_kwargs(value: Any) -> dict[str, ChatTemplateValue] | None:
+    """``value`` if it is None or a dict of str keys to JSON scalars that apply_chat_template can take, else
+    ValueError naming the bad key (pydantic turns it into a 422 at the field)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"expected an object of name -> value, got {type(value).__name__}")
+    for key, v in value.items():
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ValueError(f"key {key!r} is not a valid template variable name (letters, digits, _)")
+        if key in RESERVED_CHAT_TEMPLATE_KWARGS:
+            raise ValueError(
+                f"key {key!r} is an argument of apply_chat_template itself, not a template variable; "
+                f"reserved: {sorted(RESERVED_CHAT_TEMPLATE_KWARGS)}"
+            )
+        if v is not None and not isinstance(v, (str, int, float, bool)):
+            raise ValueError(f"{key}: expected a string, number, boolean or null, got {type(v).__name__}")
+        if isinstance(v, float) and not np.isfinite(v):
+            raise ValueError(f"{key}: {v} is not a finite number")
+    return dict(value)
+
+
 class ScoreSequence(_Strict):
     """One rollout to score, in exactly one of three forms.
 
@@ -48,7 +100,7 @@ class ScoreSequence(_Strict):
     * text form: ``prompt`` + ``completion`` (tokenized separately by the teacher's tokenizer, no special
       tokens added to the completion) or ``completion_ids``;
     * chat form: ``messages`` + (``completion`` or ``completion_ids``); the prompt is rendered with the
-      TEACHER's chat template with ``add_generation_prompt=True``.
+      TEACHER's chat template with ``add_generation_prompt=True`` and the optional ``chat_template_kwargs``.
     """
 
     prompt_ids: list[int] | None = None
@@ -56,6 +108,9 @@ class ScoreSequence(_Strict):
     prompt: str | None = None
     completion: str | None = None
     messages: list[ChatMessage] | None = None
+    chat_template_kwargs: dict[str, ChatTemplateValue] | None = Field(
+        None, description=CHAT_TEMPLATE_KWARGS_DOC
+    )
     candidate_ids: list[list[int]] | None = Field(
         None, description="[T][K] token ids; the teacher's full-vocabulary log-prob at each is returned"
     )
@@ -63,19 +118,29 @@ class ScoreSequence(_Strict):
     _to_list = field_validator("prompt_ids", "completion_ids", "candidate_ids", mode="before")(
         classmethod(lambda cls, v: _ids_from_wire(v))
     )
+    _kwargs = field_validator("chat_template_kwargs", mode="before")(
+        classmethod(lambda cls, v: check_chat_template_kwargs(v))
+    )
 
     @model_validator(mode="after")
     def _one_form(self) -> ScoreSequence:
         form = self.form
         given = sorted(
             k
-            for k in ("prompt_ids", "prompt", "messages", "completion", "completion_ids")
+            for k in (
+                "prompt_ids",
+                "prompt",
+                "messages",
+                "chat_template_kwargs",
+                "completion",
+                "completion_ids",
+            )
             if getattr(self, k) is not None
         )
         allowed = {
             "tokens": {"prompt_ids", "completion_ids"},
             "text": {"prompt", "completion", "completion_ids"},
-            "chat": {"messages", "completion", "completion_ids"},
+            "chat": {"messages", "chat_template_kwargs", "completion", "completion_ids"},
         }
         if form is None:
             raise ValueError(
@@ -153,19 +218,28 @@ class ScoreResponseDoc(BaseModel):
 
 
 class GeneratePrompt(_Strict):
-    """One prompt in exactly one form: ``prompt_ids``, ``prompt`` (text) or ``messages`` (chat template)."""
+    """One prompt in exactly one form: ``prompt_ids``, ``prompt`` (text) or ``messages`` (chat template, with
+    the optional ``chat_template_kwargs``)."""
 
     prompt_ids: list[int] | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    chat_template_kwargs: dict[str, ChatTemplateValue] | None = Field(
+        None, description=CHAT_TEMPLATE_KWARGS_DOC
+    )
 
     _to_list = field_validator("prompt_ids", mode="before")(classmethod(lambda cls, v: _ids_from_wire(v)))
+    _kwargs = field_validator("chat_template_kwargs", mode="before")(
+        classmethod(lambda cls, v: check_chat_template_kwargs(v))
+    )
 
     @model_validator(mode="after")
     def _one_form(self) -> GeneratePrompt:
         given = [k for k in ("prompt_ids", "prompt", "messages") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of prompt_ids, prompt or messages; got {given or 'none'}")
+        if self.chat_template_kwargs is not None and self.messages is None:
+            raise ValueError(f"chat_template_kwargs applies to the chat form (messages) only; got {given[0]}")
         return self
 
 

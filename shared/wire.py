@@ -21,7 +21,7 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from shared.codec import as_array
-from shared.protocol import GenerateOptions, ScoreOptions
+from shared.protocol import GenerateOptions, ScoreOptions, check_chat_template_kwargs
 
 _INT32 = np.iinfo(np.int32)
 PROMPT_FIELDS = ("prompt_ids", "prompt", "messages")
@@ -62,6 +62,14 @@ def messages_doc(messages: Sequence[Mapping[str, Any]], where: str) -> list[dict
         raise WireInputError(f"{where}: each message needs 'role' and 'content'") from None
 
 
+def template_kwargs_doc(kwargs: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``chat_template_kwargs`` checked as the server checks them (:func:`shared.protocol.check_chat_template_kwargs`)."""
+    try:
+        return check_chat_template_kwargs(dict(kwargs)) or {}
+    except (ValueError, TypeError) as exc:
+        raise WireInputError(f"{where}: {exc}") from None
+
+
 def sequence_doc(
     *,
     completion_ids: Any = None,
@@ -69,11 +77,13 @@ def sequence_doc(
     prompt_ids: Any = None,
     prompt: str | None = None,
     messages: Sequence[Mapping[str, Any]] | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
     candidate_ids: Any = None,
     where: str = "sequence",
 ) -> dict[str, Any]:
-    """One ``ScoreSequence``: exactly one prompt form (token ids, text or chat messages) and exactly one
-    completion form (ids, or text in the text/chat forms); ``candidate_ids`` is a (T, K) id array."""
+    """One ``ScoreSequence``: exactly one prompt form (token ids, text or chat messages, the latter with optional
+    ``chat_template_kwargs``) and exactly one completion form (ids, or text in the text/chat forms);
+    ``candidate_ids`` is a (T, K) id array."""
     given = [
         k
         for k, v in (("prompt_ids", prompt_ids), ("prompt", prompt), ("messages", messages))
@@ -95,6 +105,12 @@ def sequence_doc(
         doc["prompt"] = str(prompt)
     else:
         doc["messages"] = messages_doc(messages, f"{where}.messages")
+    if chat_template_kwargs:
+        if messages is None:
+            raise WireInputError(f"{where}.chat_template_kwargs: only the chat form (messages) takes it")
+        doc["chat_template_kwargs"] = template_kwargs_doc(
+            chat_template_kwargs, f"{where}.chat_template_kwargs"
+        )
     if completion_ids is not None:
         doc["completion_ids"] = ids_array(completion_ids, f"{where}.completion_ids")
     else:
@@ -133,16 +149,20 @@ def prompt_doc(prompt: Any, where: str = "prompt") -> dict[str, Any]:
     if isinstance(prompt, str):
         return {"prompt": prompt}
     if isinstance(prompt, Mapping):
-        keys = set(prompt)
+        keys = set(prompt) - ({"chat_template_kwargs"} if "messages" in prompt else set())
         if len(keys & set(PROMPT_FIELDS)) != 1 or keys - set(PROMPT_FIELDS):
             raise WireInputError(
-                f"{where}: a prompt dict needs exactly one of prompt_ids, prompt or messages, "
-                f"got {sorted(keys)}"
+                f"{where}: a prompt dict needs exactly one of prompt_ids, prompt or messages (messages may "
+                f"come with chat_template_kwargs), got {sorted(prompt)}"
             )
         if "prompt_ids" in prompt:
             return {"prompt_ids": ids_array(prompt["prompt_ids"], f"{where}.prompt_ids")}
         if "messages" in prompt:
-            return {"messages": messages_doc(prompt["messages"], f"{where}.messages")}
+            doc: dict[str, Any] = {"messages": messages_doc(prompt["messages"], f"{where}.messages")}
+            if prompt.get("chat_template_kwargs"):
+                kwargs = prompt["chat_template_kwargs"]
+                doc["chat_template_kwargs"] = template_kwargs_doc(kwargs, f"{where}.chat_template_kwargs")
+            return doc
         return {"prompt": str(prompt["prompt"])}
     if isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], Mapping):
         return {"messages": messages_doc(prompt, where)}

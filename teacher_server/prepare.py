@@ -14,6 +14,7 @@ from shared.protocol import (
     ScoreOptions,
     ScoreRequest,
     ScoreSequence,
+    check_chat_template_kwargs,
 )
 from teacher_server.errors import APIError
 from teacher_server.jobs import ScoreJob
@@ -52,8 +53,21 @@ def _check_ids(ids: np.ndarray, where: str, vocab: int) -> None:
         )
 
 
-def render_chat(tokenizer: Any, messages: list[ChatMessage], where: str, has_template: bool) -> list[int]:
-    """Prompt ids from chat messages with the TEACHER's template and ``add_generation_prompt=True``."""
+def render_chat(
+    tokenizer: Any,
+    messages: list[ChatMessage],
+    where: str,
+    has_template: bool,
+    chat_template_kwargs: dict[str, Any] | None = None,
+    kwargs_field: str = "chat_template_kwargs",
+) -> list[int]:
+    """Prompt ids from chat messages with the TEACHER's template and ``add_generation_prompt=True``.
+
+    ``chat_template_kwargs`` (validated by :func:`shared.protocol.check_chat_template_kwargs`: template
+    variables, never apply_chat_template's own arguments) reach the template as variables. Bad kwargs are a
+    422 at ``kwargs_field``; an error raised by the template (a role or a value it rejects) a 422 at ``where``
+    whose message shows the kwargs.
+    """
     if not has_template:
         raise APIError(
             422,
@@ -63,22 +77,39 @@ def render_chat(tokenizer: Any, messages: list[ChatMessage], where: str, has_tem
             value="messages",
             limit="requires a chat template",
         )
+    kwargs = _template_kwargs(chat_template_kwargs, kwargs_field)
     try:
         text = tokenizer.apply_chat_template(
-            [m.model_dump() for m in messages], add_generation_prompt=True, tokenize=False
+            [m.model_dump() for m in messages], add_generation_prompt=True, tokenize=False, **kwargs
         )
-    except Exception as exc:  # jinja errors (e.g. a template that rejects a role) are the client's
+    except Exception as exc:  # jinja errors (e.g. a template that rejects a role or a value) are the client's
+        blame = f"{where} with {kwargs_field}={kwargs}" if kwargs else where
         raise APIError(
-            422, f"{where}: the chat template rejected these messages: {exc}", field=where
+            422, f"{blame}: the chat template rejected these messages: {exc}", field=where
         ) from None
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _template_kwargs(value: dict[str, Any] | None, field: str) -> dict[str, Any]:
+    """Checked again here: render_chat is also called with kwargs that did not come through pydantic."""
+    try:
+        return check_chat_template_kwargs(value) or {}
+    except ValueError as exc:
+        raise APIError(422, f"{field}: {exc}", field=field, value=repr(value)[:200]) from None
 
 
 def _prompt_ids(seq: ScoreSequence | Any, tokenizer: Any, where: str, limits: Limits) -> list[int]:
     if seq.prompt_ids is not None:
         return seq.prompt_ids
     if seq.messages is not None:
-        return render_chat(tokenizer, seq.messages, f"{where}.messages", limits.has_chat_template)
+        return render_chat(
+            tokenizer,
+            seq.messages,
+            f"{where}.messages",
+            limits.has_chat_template,
+            seq.chat_template_kwargs,
+            f"{where}.chat_template_kwargs",
+        )
     return tokenizer(seq.prompt, add_special_tokens=False)["input_ids"]
 
 

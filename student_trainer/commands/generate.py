@@ -9,6 +9,7 @@ Defaults are the paper's: temperature 0.7, max 12,288 new tokens (capped to the 
 Prompts (--template): "chat" sends chat messages that the server renders with the TEACHER's chat template;
 a string with {question} is sent as text; with --tokenizer DIR the prompt is rendered here with that
 tokenizer (its chat template, or the plain template) and sent as token ids, which `sft` then uses verbatim.
+--chat-template-kwargs '{"enable_thinking": false}' sets chat template variables (either side renders them).
 Each prompt is one request of --n samples; --concurrency requests are in flight (spread over the URLs).
 With --seed S, prompt row r is sampled with seed S + r (reproducible on the hf backend).
 
@@ -24,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import os
+
+from student_trainer.commands.sft import json_object
 
 HELP = __doc__
 
@@ -42,6 +45,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--template", default="chat", help="'chat' (teacher's chat template) or a {question} string"
     )
     p.add_argument("--system-prompt", help="system message in the chat form")
+    p.add_argument(
+        "--chat-template-kwargs",
+        type=json_object,
+        metavar="JSON",
+        help="chat template variables for the chat form, e.g. '{\"enable_thinking\": false}'",
+    )
     p.add_argument("--tokenizer", help="render prompts with this local tokenizer and send token ids")
     p.add_argument("--n", type=int, default=1, help="samples per prompt (default 1)")
     p.add_argument("--temperature", type=float, default=0.7, help="default 0.7 (paper)")
@@ -77,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
             system_prompt=args.system_prompt,
             stop=tuple(args.stop),
             concurrency=args.concurrency,
+            chat_template_kwargs=args.chat_template_kwargs,
         )
         if args.limit is not None and args.limit < 1:
             raise GenerateError(f"--limit {args.limit} must be >= 1")

@@ -7,10 +7,10 @@
     saved = stream.state_dict()                                   # {"epoch", "index", "seed", "size"}
     stream.load_state_dict(saved)                                 # continue exactly after --resume
 
-Sources (``load_prompts``): a ``.jsonl``/``.json`` file (one object per line), a ``.parquet`` file (pyarrow),
-or a Hugging Face ``datasets`` dataset (a ``save_to_disk`` directory, a local dataset directory or a Hub
-name; needs the optional ``datasets`` package). A question is a string or a list of chat messages
-(``[{"role": ..., "content": ...}]``, as in verl-style datasets).
+Sources (``load_prompts``, read by :mod:`student_trainer.data.sources`): a ``.jsonl``/``.json`` file (JSON
+lines or one array of objects), a ``.parquet`` file, or a Hugging Face ``datasets`` dataset (a
+``save_to_disk`` directory, a local data directory or a Hub name) of which ``split`` is read. A question
+is a string or a list of chat messages (``[{"role": ..., "content": ...}]``, as in verl-style datasets).
 
 Rendering (``PromptTemplates``): the student side is ``"chat"`` (the student tokenizer's chat template with
 ``add_generation_prompt=True``, optional system prompt) or a plain template containing ``{question}``. The
@@ -23,7 +23,6 @@ Rendered text is tokenized with ``add_special_tokens=False``, exactly as the tea
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +30,18 @@ from typing import Any
 
 import numpy as np
 
+from shared.protocol import check_chat_template_kwargs
+from student_trainer.data.sources import (
+    check_file_split,
+    json_rows,
+    load_split,
+    parquet_columns,
+    parquet_table,
+    source_kind,
+)
 from student_trainer.errors import DataError
 
 QUESTION = "{question}"
-_JSON_SUFFIXES = (".jsonl", ".json")
-_PARQUET_SUFFIXES = (".parquet", ".pq")
 
 Messages = list[dict[str, str]]
 
@@ -67,21 +73,24 @@ def load_prompts(
     answer_field: str | None = None,
     id_field: str | None = None,
     split: str = "train",
+    subset: str | None = None,
     data_format: str = "auto",
 ) -> PromptTable:
     """Read prompts from ``source``. ``data_format``: auto | jsonl | parquet | datasets.
 
-    The stable prompt id is ``str(row[id_field])`` when ``id_field`` is given, else the row's index in the
-    source. Answers (when ``answer_field`` is given) are kept as strings for evaluation.
+    ``source``: a ``.jsonl``/``.json`` or ``.parquet`` file (one split, ``train``), or a ``datasets`` source
+    (a ``save_to_disk`` directory, a data directory, a Hub name) of which ``split`` (of config ``subset``)
+    is read. The stable prompt id is ``str(row[id_field])`` when ``id_field`` is given, else the row's index
+    in the source. Answers (when ``answer_field`` is given) are kept as strings for evaluation.
     """
     fmt = _detect_format(source, data_format)
     fields = [f for f in (question_field, answer_field, id_field) if f is not None]
-    if fmt == "jsonl":
-        columns = _read_jsonl(Path(source), fields)
-    elif fmt == "parquet":
-        columns = _read_parquet(Path(source), fields)
+    if fmt == "datasets":
+        columns = _read_datasets(str(source), fields, split, subset)
     else:
-        columns = _read_datasets(str(source), fields, split)
+        check_file_split(source, split, PromptDataError)
+        read = _read_jsonl if fmt == "jsonl" else _read_parquet
+        columns = read(Path(source), fields)
     return _to_table(columns, str(source), question_field, answer_field, id_field)
 
 
@@ -91,18 +100,10 @@ def _detect_format(source: str | Path, data_format: str) -> str:
         raise PromptDataError(f"data_format={data_format!r} is not one of {formats}")
     if data_format != "auto":
         return data_format
-    path = Path(source)
-    suffix = path.suffix.lower()
-    if suffix in _JSON_SUFFIXES + _PARQUET_SUFFIXES:
-        if not path.is_file():
-            raise PromptDataError(f"prompt file {str(source)!r} does not exist")
-        return "jsonl" if suffix in _JSON_SUFFIXES else "parquet"
-    if path.is_file():
-        raise PromptDataError(
-            f"cannot tell the format of {str(source)!r} from its suffix {suffix!r}: name it .jsonl or "
-            "'.parquet', or set data_format to jsonl | parquet | datasets"
-        )
-    return "datasets"  # a dataset directory or a Hub name
+    kind = source_kind(source, PromptDataError)
+    if kind != "datasets" and not Path(source).is_file():
+        raise PromptDataError(f"prompt file {str(source)!r} does not exist")
+    return {"json": "jsonl"}.get(kind, kind)
 
 
 def _missing_field(fieldname: str, available: Sequence[str], where: str) -> PromptDataError:
@@ -114,57 +115,28 @@ def _missing_field(fieldname: str, available: Sequence[str], where: str) -> Prom
 
 def _read_jsonl(path: Path, fields: list[str]) -> dict[str, list[Any]]:
     columns: dict[str, list[Any]] = {f: [] for f in fields}
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise PromptDataError(
-                    f"{path}:{lineno}: not valid JSON ({exc.msg}); expected one object per line"
-                ) from None
-            if not isinstance(row, dict):
-                raise PromptDataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            for f in fields:
-                if f not in row:
-                    raise _missing_field(f, list(row), f"{path}:{lineno}")
-                columns[f].append(row[f])
+    for where, row in json_rows(path, PromptDataError):
+        for f in fields:
+            if f not in row:
+                raise _missing_field(f, list(row), where)
+            columns[f].append(row[f])
     return columns
 
 
 def _read_parquet(path: Path, fields: list[str]) -> dict[str, list[Any]]:
-    import pyarrow.parquet as pq
-
-    names = pq.read_schema(path).names
+    names = parquet_columns(path)
     for f in fields:
         if f not in names:
             raise _missing_field(f, names, str(path))
-    return pq.read_table(path, columns=list(dict.fromkeys(fields))).to_pydict()
+    return parquet_table(path, list(dict.fromkeys(fields))).to_pydict()
 
 
-def _read_datasets(source: str, fields: list[str], split: str) -> dict[str, list[Any]]:
-    try:
-        import datasets
-    except ImportError:
-        raise PromptDataError(
-            f"{source!r} is neither a .jsonl nor a .parquet file, so it is read as a Hugging Face dataset, "
-            "which needs the 'datasets' package: pip install 'opd-distill[data]' (or pass a .jsonl/.parquet "
-            "file)"
-        ) from None
-    path = Path(source)
-    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
-        ds = datasets.load_from_disk(str(path))
-    else:
-        ds = datasets.load_dataset(source)
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise PromptDataError(f"{source}: no split {split!r}; available splits: {sorted(ds)} (set split)")
-        ds = ds[split]
+def _read_datasets(source: str, fields: list[str], split: str, subset: str | None) -> dict[str, list[Any]]:
+    ds = load_split(source, split, subset=subset, error=PromptDataError)
     for f in fields:
         if f not in ds.column_names:
-            raise _missing_field(f, ds.column_names, source)
-    return {f: ds[f] for f in dict.fromkeys(fields)}
+            raise _missing_field(f, ds.column_names, f"{source} (split {split!r})")
+    return ds.select_columns(list(dict.fromkeys(fields))).to_dict()
 
 
 def _to_table(
@@ -226,8 +198,10 @@ class PromptTemplates:
     user_template: the user message content in the chat renderings (``{question}`` = the question as is).
     system_prompt: prepended as a system message in chat renderings ("" or None = none).
     teacher_system_prompt: the teacher side's system prompt; None = the same as ``system_prompt``.
-    chat_template_kwargs: extra keyword arguments for the student's ``apply_chat_template`` (for example
-        ``{"enable_thinking": false}`` for Qwen3); the teacher server renders its side without them.
+    chat_template_kwargs: extra variables of the chat template, the keyword arguments of
+        ``apply_chat_template`` (for example ``{"enable_thinking": False}`` for Qwen3), for the student's chat
+        rendering and, with ``teacher="chat"``, sent with the messages so the teacher server renders its side
+        with them too (``ScoreSequence.chat_template_kwargs``).
     """
 
     student: str = "chat"
@@ -238,6 +212,10 @@ class PromptTemplates:
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        try:  # the server's own check: a reserved name (tokenize, messages, ...) or a nested value fails here
+            check_chat_template_kwargs(self.chat_template_kwargs)
+        except ValueError as exc:
+            raise PromptDataError(f"chat_template_kwargs={self.chat_template_kwargs!r}: {exc}") from None
         for name, value, keywords in (
             ("student", self.student, ("chat",)),
             ("teacher", self.teacher, ("same", "chat")),
@@ -262,11 +240,15 @@ class Prompt:
     student_ids: list[int]
     teacher_ids: list[int] | None = None
     teacher_messages: Messages | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # chat form: the teacher's template variables
 
     def teacher_fields(self) -> dict[str, Any]:
         """The prompt part of a ``shared.protocol.ScoreSequence``: ``prompt_ids`` (token form) or
-        ``messages`` (chat form); add ``completion_ids`` to score a completion."""
+        ``messages`` (chat form, plus ``chat_template_kwargs`` when there are any); add ``completion_ids``
+        to score a completion."""
         if self.teacher_messages is not None:
+            if self.chat_template_kwargs:
+                return {"messages": self.teacher_messages, "chat_template_kwargs": self.chat_template_kwargs}
             return {"messages": self.teacher_messages}
         return {"prompt_ids": self.teacher_ids}
 
@@ -296,7 +278,12 @@ class PromptRenderer:
         if t.teacher == "chat":
             system = t.system_prompt if t.teacher_system_prompt is None else t.teacher_system_prompt
             return Prompt(
-                prompt_id, text, answer, student_ids, teacher_messages=self._messages(question, system)
+                prompt_id,
+                text,
+                answer,
+                student_ids,
+                teacher_messages=self._messages(question, system),
+                chat_template_kwargs=dict(t.chat_template_kwargs) or None,
             )
         teacher_ids = self._ids(t.teacher.replace(QUESTION, text))
         return Prompt(prompt_id, text, answer, student_ids, teacher_ids=teacher_ids)

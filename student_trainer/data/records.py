@@ -1,4 +1,5 @@
-"""Record files shared by the recipe tools: JSONL / parquet readers and writers, the question of a record."""
+"""Record sources shared by the recipe tools: read records from a file or a dataset, write JSONL, the
+question of a record."""
 
 from __future__ import annotations
 
@@ -7,37 +8,34 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from student_trainer.errors import DataError, DataFileNotFound, MissingDependencyError
+from student_trainer.data.sources import (
+    check_file_split,
+    json_rows,
+    load_split,
+    parquet_table,
+    source_kind,
+)
+from student_trainer.errors import DataError, DataFileNotFound
 
 DEFAULT_QUESTION_FIELDS = ("question", "prompt")
 
 
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Records from ``.jsonl``/``.json`` lines or ``.parquet`` (needs pyarrow)."""
-    path = Path(path)
-    if not path.exists():
+def read_records(
+    source: str | Path, *, split: str = "train", subset: str | None = None
+) -> list[dict[str, Any]]:
+    """Records (one dict per row) from a ``.jsonl``/``.json`` file (JSON lines or one array of objects), a
+    ``.parquet`` file, or split ``split`` (of config ``subset``) of a ``datasets`` source: a ``save_to_disk``
+    directory, a data directory or a Hub name (see :mod:`student_trainer.data.sources`)."""
+    kind = source_kind(source)
+    path = Path(source)
+    if kind == "datasets":
+        return load_split(str(source), split, subset=subset).to_list()
+    if not path.is_file():
         raise DataFileNotFound(f"no such file: {path}")
-    if path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as exc:
-            raise MissingDependencyError(
-                f"reading {path} needs pyarrow: pip install 'opd-distill[data]'"
-            ) from exc
-        return pq.read_table(path).to_pylist()
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(rec).__name__}")
-            records.append(rec)
-    return records
+    check_file_split(source, split)
+    if kind == "parquet":
+        return parquet_table(path).to_pylist()
+    return [row for _, row in json_rows(path)]
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> int:

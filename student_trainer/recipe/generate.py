@@ -7,7 +7,8 @@
 Each prompt goes to ``POST /v1/generate`` as its own request (``n`` samples), ``concurrency`` requests in
 flight, spread over the endpoints by the client's pool. Prompt forms (``settings.template``):
 
-- ``"chat"`` (default): chat messages, rendered server-side with the TEACHER's chat template;
+- ``"chat"`` (default): chat messages, rendered server-side with the TEACHER's chat template (and
+  ``settings.chat_template_kwargs``, sent as the prompt's ``chat_template_kwargs``);
 - a plain string containing ``{question}``: text form, tokenized by the teacher;
 - either of those rendered here with a local ``tokenizer`` (``--tokenizer DIR``) and sent as token ids.
 
@@ -30,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.protocol import check_chat_template_kwargs
 from shared.wire import GeneratedSample
 from student_trainer.data.prompts import QUESTION, Messages, PromptTable
 from student_trainer.errors import ConfigError
@@ -56,8 +58,15 @@ class GenerateSettings:
     system_prompt: str | None = None
     stop: tuple[str, ...] = ()
     concurrency: int = 8
+    chat_template_kwargs: dict[str, Any] | None = (
+        None  # chat template variables, e.g. {"enable_thinking": False}
+    )
 
     def __post_init__(self) -> None:
+        try:
+            check_chat_template_kwargs(self.chat_template_kwargs)
+        except ValueError as exc:
+            raise GenerateError(f"chat_template_kwargs={self.chat_template_kwargs!r}: {exc}") from None
         checks = (
             ("n", self.n, self.n >= 1, ">= 1"),
             ("temperature", self.temperature, self.temperature >= 0, ">= 0 (0 = greedy)"),
@@ -131,7 +140,10 @@ def prompt_request(question: str | Messages, settings: GenerateSettings, rendere
     if renderer is not None:
         return {"prompt_ids": renderer.render(question).student_ids}
     if settings.template == "chat":
-        return {"messages": chat_messages(question, settings.system_prompt)}
+        messages = chat_messages(question, settings.system_prompt)
+        if settings.chat_template_kwargs:
+            return {"messages": messages, "chat_template_kwargs": dict(settings.chat_template_kwargs)}
+        return {"messages": messages}
     text = question if isinstance(question, str) else _last_user(question)
     return {"prompt": settings.template.replace(QUESTION, text)}
 
@@ -140,7 +152,12 @@ def local_renderer(tokenizer: Any, settings: GenerateSettings) -> Any:
     """Renders prompts here exactly as ``train``/``sft`` render the student side (chat or plain template)."""
     from student_trainer.data.prompts import PromptRenderer, PromptTemplates
 
-    templates = PromptTemplates(settings.template, "same", system_prompt=settings.system_prompt)
+    templates = PromptTemplates(
+        settings.template,
+        "same",
+        system_prompt=settings.system_prompt,
+        chat_template_kwargs=dict(settings.chat_template_kwargs or {}),
+    )
     return PromptRenderer(tokenizer, templates)
 
 
@@ -242,7 +259,7 @@ def load_existing(path: str | Path, n: int) -> ResumeState:
     return ResumeState(complete, dropped, meta)
 
 
-_RESUME_KEYS = ("tokenizer_fingerprint", "template", "system_prompt", "prompt_form")
+_RESUME_KEYS = ("tokenizer_fingerprint", "template", "system_prompt", "chat_template_kwargs", "prompt_form")
 
 
 def check_resumable(previous: Mapping[str, Any] | None, current: Mapping[str, Any], path: str | Path) -> None:
@@ -293,6 +310,7 @@ async def generate_rollouts(
         "tokenizer_fingerprint": first.tokenizer_fingerprint,
         "template": settings.template,
         "system_prompt": settings.system_prompt,
+        "chat_template_kwargs": settings.chat_template_kwargs or None,
         "prompt_form": "tokens"
         if tokenizer is not None
         else ("chat" if settings.template == "chat" else "text"),

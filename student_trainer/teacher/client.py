@@ -93,6 +93,7 @@ class SequenceInput:
     messages: Sequence[Mapping[str, str]] | None = None
     prompt: str | None = None
     completion: str | None = None
+    chat_template_kwargs: Mapping[str, Any] | None = None  # chat form: the teacher's template variables
 
 
 _SEQUENCE_KEYS = frozenset(f.name for f in dataclasses.fields(SequenceInput))

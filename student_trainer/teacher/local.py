@@ -75,7 +75,10 @@ class LocalTeacher(Teacher):
                 "teacher_prompt='same' or a {question} string"
             )
         text = self.tokenizer.apply_chat_template(
-            teacher_fields["messages"], add_generation_prompt=True, tokenize=False
+            teacher_fields["messages"],
+            add_generation_prompt=True,
+            tokenize=False,
+            **(teacher_fields.get("chat_template_kwargs") or {}),
         )
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 

@@ -270,9 +270,15 @@ class OpenAIClient:
         body = {"model": self._model(), "prompt": text, "add_special_tokens": False}
         return await self._tokens(body, url)
 
-    async def render_chat(self, messages: Sequence[Mapping[str, str]], url: str | None = None) -> list[int]:
-        """Prompt ids of chat ``messages`` in the server's chat template (``add_generation_prompt``), cached."""
-        key = json.dumps(list(messages), sort_keys=True)
+    async def render_chat(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        url: str | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> list[int]:
+        """Prompt ids of chat ``messages`` in the server's chat template (``add_generation_prompt``, vLLM's
+        ``chat_template_kwargs`` when given), cached."""
+        key = _chat_key(messages, chat_template_kwargs)
         if url is None and key in self._chat:
             return self._chat[key]
         body = {
@@ -281,6 +287,8 @@ class OpenAIClient:
             "add_generation_prompt": True,
             "add_special_tokens": False,
         }
+        if chat_template_kwargs:
+            body["chat_template_kwargs"] = dict(chat_template_kwargs)
         ids = (await self._tokens(body, url))["tokens"]
         if len(self._chat) >= _CHAT_CACHE:
             self._chat.clear()
@@ -364,15 +372,14 @@ class OpenAIClient:
     async def _prompt_ids(self, sequences: Sequence[Mapping[str, Any]]) -> list[list[int]]:
         """Token-form prompts as given; chat-form ones rendered by the server (each distinct one once)."""
         chats = {
-            json.dumps(list(s["messages"]), sort_keys=True): s["messages"]
-            for s in sequences
-            if "messages" in s
+            _chat_key(s["messages"], s.get("chat_template_kwargs")): s for s in sequences if "messages" in s
         }
-        rendered = dict(zip(chats, await _gather([self.render_chat(m) for m in chats.values()]), strict=True))
+        calls = [self.render_chat(s["messages"], None, s.get("chat_template_kwargs")) for s in chats.values()]
+        rendered = dict(zip(chats, await _gather(calls), strict=True))
         out = []
         for i, s in enumerate(sequences):
             if "messages" in s:
-                out.append(rendered[json.dumps(list(s["messages"]), sort_keys=True)])
+                out.append(rendered[_chat_key(s["messages"], s.get("chat_template_kwargs"))])
             elif s.get("prompt_ids") is not None:
                 out.append([int(x) for x in np.asarray(s["prompt_ids"]).reshape(-1)])
             else:
@@ -431,3 +438,8 @@ class SyncOpenAIClient(SyncFacade):
 
     def render_chat(self, messages: Sequence[Mapping[str, str]], url: str | None = None) -> list[int]:
         return self._submit(self.client.render_chat(messages, url)).result()
+
+
+def _chat_key(messages: Sequence[Mapping[str, str]], kwargs: Mapping[str, Any] | None) -> str:
+    """Cache key of one chat rendering: the messages and the template variables."""
+    return json.dumps([list(messages), dict(kwargs or {})], sort_keys=True)

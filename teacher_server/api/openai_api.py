@@ -491,7 +491,9 @@ async def tokenize(request: Request) -> dict[str, Any]:
                     value=False,
                     limit="true",
                 )
-            ids = render_chat(tok, req.messages, "messages", state.limits.has_chat_template)
+            ids = render_chat(
+                tok, req.messages, "messages", state.limits.has_chat_template, req.chat_template_kwargs
+            )
         else:
             ids = tok(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"]
         doc: dict[str, Any] = {"count": len(ids), "max_model_len": state.limits.max_model_len, "tokens": ids}

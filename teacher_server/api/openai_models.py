@@ -11,9 +11,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
-from shared.protocol import ChatMessage
+from shared.protocol import (
+    CHAT_TEMPLATE_KWARGS_DOC,
+    ChatMessage,
+    ChatTemplateValue,
+    check_chat_template_kwargs,
+)
 
 # field -> the values that mean "feature off" (what the openai SDK, lm-eval and TRL send by default)
 NEUTRAL: dict[str, tuple[Any, ...]] = {
@@ -109,11 +114,20 @@ class TokenizeRequest(_Strict):
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     return_token_strs: bool = False
+    chat_template_kwargs: dict[str, ChatTemplateValue] | None = Field(
+        None, description="vLLM: " + CHAT_TEMPLATE_KWARGS_DOC
+    )
+
+    _kwargs = field_validator("chat_template_kwargs", mode="before")(
+        classmethod(lambda cls, v: check_chat_template_kwargs(v))
+    )
 
     @model_validator(mode="after")
     def _one_form(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt (text) or messages (chat)")
+        if self.chat_template_kwargs is not None and self.messages is None:
+            raise ValueError("chat_template_kwargs applies to the chat form (messages) only")
         return self
 
 
