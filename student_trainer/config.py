@@ -33,6 +33,8 @@ class ModelConfig:
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
+    # LoRA adapters instead of all weights (peft): {r, alpha, dropout, target_modules}; unset = full training
+    lora: dict[str, Any] | None = None
 
 
 @dataclass
@@ -50,7 +52,9 @@ class TeacherConfig:
 
 @dataclass
 class DataConfig:
-    path: str = ""  # JSONL / parquet / datasets name
+    path: str = ""  # JSONL / parquet / a datasets directory or Hub name
+    split: str = "train"  # the split of a datasets source (a file is one split)
+    subset: str | None = None  # the configuration of a Hub dataset with several (e.g. gsm8k: main)
     question_field: str = "question"
     answer_field: str | None = None
     student_template: str = "chat"  # "chat" (student's chat template) or a string containing {question}
@@ -59,6 +63,9 @@ class DataConfig:
         "same"  # "same" | "chat" (teacher's own template, server-side) | a {question} string
     )
     seed: int = 0
+    # extra keyword arguments of apply_chat_template for the student's and a chat teacher's prompt
+    # (e.g. {enable_thinking: false} for Qwen3)
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 @dataclass
@@ -108,6 +115,10 @@ class TrainConfig:
     log_every: int = 1
     sample_every: int = 10  # print a decoded rollout this often (0 = never)
     overlap_scoring: bool = True  # score micro-batch i while generating i+1 (False: wait right away)
+    merge_lora: bool = False  # model.lora: save the merged model at the end (default: the adapter); --merge
+    push_to_hub: bool = False  # upload the final output directory to the Hugging Face Hub
+    hub_model_id: str | None = None  # the Hub repo for push_to_hub (required with it)
+    hub_private: bool = True
 
 
 @dataclass(frozen=True)
@@ -185,6 +196,20 @@ class Config:
         _check(
             m.dtype in ("auto", "float32", "bfloat16", "float16"),
             f"model.dtype={m.dtype!r}: use auto, float32 or bfloat16",
+        )
+        _check_lora(m.lora)
+        _check(
+            not tr.merge_lora or m.lora is not None,
+            "train.merge_lora (--merge) merges LoRA adapters into the saved model, but model.lora is unset "
+            "(full training saves the whole model anyway): unset train.merge_lora or set model.lora",
+        )
+        _check(
+            not tr.push_to_hub or bool(tr.hub_model_id),
+            "train.push_to_hub=true needs train.hub_model_id (e.g. your-name/qwen3-1.7b-opd)",
+        )
+        _check(
+            d.chat_template_kwargs is None or all(isinstance(k, str) for k in d.chat_template_kwargs),
+            f"data.chat_template_kwargs={d.chat_template_kwargs!r} must map names to values",
         )
         if spec.local_teacher:
             _check(
@@ -309,6 +334,41 @@ def protocol_refusal(protocol: str, loss_type: str, temperature: float) -> str |
     return None
 
 
+LORA_DEFAULTS: dict[str, Any] = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
+
+
+def lora_settings(lora: dict[str, Any]) -> dict[str, Any]:
+    """``model.lora`` with its defaults filled in (r 16, alpha 32, dropout 0, every linear layer but the head)."""
+    return {**LORA_DEFAULTS, **lora}
+
+
+def _check_lora(lora: dict[str, Any] | None) -> None:
+    if lora is None:
+        return
+    unknown = sorted(set(lora) - set(LORA_DEFAULTS))
+    _check(not unknown, f"model.lora has unknown key(s) {unknown}; valid keys: {', '.join(LORA_DEFAULTS)}")
+    s = lora_settings(lora)
+    r, alpha, dropout, targets = s["r"], s["alpha"], s["dropout"], s["target_modules"]
+    _check(
+        isinstance(r, int) and not isinstance(r, bool) and r >= 1,
+        f"model.lora.r={r!r} must be an integer >= 1 (the adapter rank, e.g. 16; tinker's OPD recipe: 128)",
+    )
+    _check(
+        isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha > 0,
+        f"model.lora.alpha={alpha!r} must be a number > 0 (the update is scaled by alpha / r)",
+    )
+    _check(
+        isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout < 1,
+        f"model.lora.dropout={dropout!r} must be in [0, 1)",
+    )
+    _check(
+        targets == "all-linear"
+        or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)),
+        f"model.lora.target_modules={targets!r} must be 'all-linear' or a list of module names "
+        "(e.g. [q_proj, k_proj, v_proj, o_proj])",
+    )
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -339,6 +399,8 @@ def _coerce(value: Any, target: Any, key: str) -> Any:
         return value
     if target is str and isinstance(value, str):
         return value
+    if origin is dict and isinstance(value, dict):
+        return dict(value)
     if origin is tuple and isinstance(value, (list, tuple)):
         return tuple(value)
     if origin is list:

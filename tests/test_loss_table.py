@@ -34,8 +34,9 @@ class TinyPolicy(torch.nn.Module):
         self.mix = torch.nn.Linear(H, H)
         self.head = torch.nn.Linear(H, V, bias=False)
 
-    def forward(self, input_ids, attention_mask):
-        return torch.tanh(self.mix(self.embed(input_ids))) * attention_mask[..., None]
+    def forward(self, input_ids, attention_mask, head_fn=None):
+        hidden = torch.tanh(self.mix(self.embed(input_ids))) * attention_mask[..., None]
+        return hidden if head_fn is None else head_fn(hidden, self.head)
 
 
 def _case():
@@ -96,7 +97,6 @@ def test_every_row_equals_its_pure_function_on_full_log_probs(name):
 
     loss, totals = forward(
         policy,
-        policy.head,
         batch,
         LossConfig(type=name, top_k=K, chunk_rows=3),
         spec,
@@ -119,7 +119,7 @@ def test_metrics_only_forward_builds_no_graph():
     batch = build_batch(samples, scores, 0, torch.device("cpu"))
     policy = TinyPolicy()
     with torch.no_grad():
-        loss, totals = forward(policy, policy.head, batch, LossConfig(top_k=K), None, 1.0)
+        loss, totals = forward(policy, batch, LossConfig(top_k=K), None, 1.0)
     assert loss is None and 0 <= totals.means()["opd/overlap_ratio"] <= 1
 
 

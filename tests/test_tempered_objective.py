@@ -68,8 +68,9 @@ class Toy:
         self.u = self.t_head(self.t_hidden)[0, :V].detach()
         self.params = [self.emb.weight, self.head.weight]
 
-    def policy(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.emb(input_ids)
+    def policy(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, head_fn=None):
+        hidden = self.emb(input_ids)
+        return hidden if head_fn is None else head_fn(hidden, self.head)
 
     def student_logits(self) -> torch.Tensor:
         """(V,) with grad: the logits predicting the completion token after prompt [1], real ids only."""
@@ -111,7 +112,6 @@ class Toy:
         cfg = LossConfig(type=loss_type, top_k=batch.student_topk_ids_N_K.shape[1], topk_form=form)
         loss, _ = forward(
             self.policy,
-            self.head,
             batch,
             cfg,
             LOSSES[loss_type],

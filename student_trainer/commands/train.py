@@ -33,6 +33,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="URL",
         help="teacher endpoint (repeat for several); same as teacher.urls=[...]",
     )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="model.lora: save the merged model at the end instead of the adapter (train.merge_lora=true)",
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
@@ -46,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
         overrides = list(args.overrides)
         if args.teacher_url:
             overrides.append("teacher.urls=[" + ",".join(args.teacher_url) + "]")
+        if args.merge:
+            overrides.append("train.merge_lora=true")
         cfg = load_config(args.config, overrides)
         if args.print_config:
             print(json.dumps(cfg.to_dict(), indent=1, default=str))

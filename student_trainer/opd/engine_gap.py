@@ -18,7 +18,7 @@ model (:func:`trainer_topk`) before the teacher is asked, at the cost of that fo
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -69,8 +69,7 @@ def engine_gap_totals(
 
 
 def trainer_topk(
-    policy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    head: torch.nn.Module,
+    policy: Callable[..., Any],
     rollouts: RolloutBatch,
     *,
     pad_id: int,
@@ -80,7 +79,8 @@ def trainer_topk(
     chunk_rows: int = 1024,
 ) -> None:
     """Overwrite every sample's recorded top-k (``topk_ids``, ``topk_logprobs``) with the training model's
-    own, from one no-grad forward of the micro-batch (``policy``: a ``HiddenStatesLM``). The engine's
+    own, from one no-grad forward of the micro-batch (``policy``: a ``HiddenStatesLM``, the head applied inside
+    its forward as in the training forward, so a sharded head is whole there). The engine's
     ``sampled_logprobs`` are kept: they say what the engine sampled with (the gap metrics read them)."""
     samples, k = rollouts.samples, rollouts.top_k
     if not samples or not k:
@@ -88,12 +88,11 @@ def trainer_topk(
     packed = pack(
         [s.prompt_ids.tolist() for s in samples], [s.completion_ids.tolist() for s in samples], pad_id
     ).to(device)
-    with torch.no_grad():
-        hidden_B_L_H = policy(packed.input_ids_B_L, packed.attention_mask_B_L)
-        hidden_N_H = packed.hidden_at_completion(hidden_B_L_H)
+
+    def head_fn(hidden_B_L_H: torch.Tensor, head: torch.nn.Module):
         vocab = None if vocab_size is None else min(vocab_size, head.weight.shape[0])
-        g = gather_logprobs(
-            hidden_N_H,
+        return gather_logprobs(
+            packed.hidden_at_completion(hidden_B_L_H),
             head,
             packed.targets_N[:, None],
             top_k=k,
@@ -101,6 +100,9 @@ def trainer_topk(
             vocab_size=vocab,
             chunk_rows=chunk_rows,
         )
+
+    with torch.no_grad():
+        g = policy(packed.input_ids_B_L, packed.attention_mask_B_L, head_fn=head_fn)
     ids_N_K, lps_N_K = g.topk_ids_N_k.cpu(), g.topk_logprobs_N_k.float().cpu()
     start = 0
     for s, length in zip(samples, packed.lengths, strict=True):

@@ -16,7 +16,9 @@ def build_optimizer(
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            # a ZeRO-3 parameter partitioned at load is an empty 1-d tensor; ds_shape is its real shape
+            ndim = len(getattr(p, "ds_shape", p.shape))
+            (decay if ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # fused on CUDA: one kernel, no foreach temporaries the size of the parameters at the step's peak
     on_cuda = bool(decay or no_decay) and (decay + no_decay)[0].is_cuda

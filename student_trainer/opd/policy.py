@@ -8,6 +8,7 @@ head's parameters too, because their gradients arrive in the same backward pass)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,19 +16,44 @@ import torch
 
 
 class HiddenStatesLM(torch.nn.Module):
-    """``forward(input_ids, attention_mask) -> (B, L, H)`` final hidden states; ``head`` is the LM head."""
+    """``forward(input_ids, attention_mask) -> (B, L, H)`` final hidden states; ``head`` is the LM head.
+
+    ``forward(..., head_fn=f)`` returns ``f(hidden_B_L_H, head)`` instead: the loss is computed inside this
+    module's forward, where a sharding engine has made the head's weight whole (FSDP2 unshards the tail unit;
+    ZeRO-3 gathers the weight registered as external, ``opd.distributed``). ``_no_split_modules`` is the
+    wrapped model's, so accelerate's FSDP2 wrapping makes each decoder layer a unit; this module has no
+    embedding getters on purpose, so the embeddings, the final norm and the head stay in the root unit, which
+    FSDP2 keeps whole from the root's forward to the end of its backward (a separate head unit would only be
+    unsharded by a call of the head's own forward, which the chunked loss never makes).
+    """
 
     def __init__(self, causal_lm: Any) -> None:
         super().__init__()
         self.causal_lm = causal_lm
 
     @property
-    def head(self) -> torch.nn.Linear:
-        return self.causal_lm.get_output_embeddings()
+    def _no_split_modules(self) -> list[str] | None:
+        return getattr(self.hf_model, "_no_split_modules", None)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.causal_lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return out.last_hidden_state
+    @property
+    def hf_model(self) -> Any:
+        """The transformers model (inside a peft wrapper for a LoRA student)."""
+        get_base = getattr(self.causal_lm, "get_base_model", None)
+        return get_base() if get_base is not None else self.causal_lm
+
+    @property
+    def head(self) -> torch.nn.Linear:
+        return self.hf_model.get_output_embeddings()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        head_fn: Callable[[torch.Tensor, torch.nn.Module], Any] | None = None,
+    ) -> Any:
+        out = self.hf_model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden_B_L_H = out.last_hidden_state
+        return hidden_B_L_H if head_fn is None else head_fn(hidden_B_L_H, self.head)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

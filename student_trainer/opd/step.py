@@ -5,7 +5,7 @@ pre-flight measure with them, so a number the probe prints is the number ``train
     batches, times = rollout_phase(engine, teacher, micro, cfg, step=s, rank=r, autocast=acc.autocast)
     for mb in batches:                                   # scored while the next micro-batch was sampled
         batch = build_batch(mb.rollouts.samples, mb.pending.result().scores, pad_id, device, spec)
-        loss, totals = forward(policy, policy.head, batch, cfg.loss, spec, normalizer,
+        loss, totals = forward(policy, batch, cfg.loss, spec, normalizer,
                                temperature=cfg.rollout.temperature, vocab_size=len(tokenizer))
 
 Rollouts are seeded by :func:`rollout_seed` from the position in training alone, so ``--resume`` replays.
@@ -39,9 +39,13 @@ if TYPE_CHECKING:
 Autocast = Callable[[], AbstractContextManager]
 
 
-def rollout_seed(seed: int, step: int, rank: int, micro: int) -> int:
-    """Rollout sampling seed: a pure function of the position in training, so --resume replays exactly."""
-    return (seed * 1_000_003 + step * 10_007 + rank * 101 + micro) % (2**31 - 1)
+def rollout_seed(seed: int, step: int, rank: int, micro: int, world: int = 1) -> int:
+    """Rollout sampling seed: a pure function of the position in training, so --resume replays exactly.
+
+    Micro-batch ``micro`` of process ``rank`` is the step's micro-batch ``micro * world + rank``: with one
+    prompt per micro-batch that is the prompt's index in the step on any number of processes (process r takes
+    prompts r, r + world, ...), so a 1-process and an N-process run sample the same rollouts."""
+    return (seed * 1_000_003 + step * 10_007 + micro * world + rank) % (2**31 - 1)
 
 
 def split_micro(prompts: Sequence[Prompt], size: int) -> list[list[Prompt]]:
@@ -89,17 +93,19 @@ def rollout_phase(
     rank: int,
     autocast: Autocast,
     rescore: Callable[[RolloutBatch], None] | None = None,
+    world: int = 1,
 ) -> tuple[list[MicroBatch], dict[str, float]]:
     """Sample each micro-batch and hand it to the teacher at once, so the teacher scores micro-batch i while
     i + 1 is sampled (``train.overlap_scoring=false``: wait for each answer first, the sequential baseline).
     ``rescore`` (``rollout.topk_source=trainer``): replaces the recorded top-k before the teacher is asked.
+    ``world``: the number of processes (the rollout seeds, :func:`rollout_seed`).
     Returns the micro-batches in flight and the phase's times (``generate``, ``topk_forward``,
     ``teacher_wait``)."""
     times = {"generate": 0.0, "topk_forward": 0.0, "teacher_wait": 0.0}
     batches = []
     for i, prompts in enumerate(micro):
         g0 = time.perf_counter()
-        rollouts = sample(engine, prompts, cfg, rollout_seed(cfg.train.seed, step, rank, i), autocast)
+        rollouts = sample(engine, prompts, cfg, rollout_seed(cfg.train.seed, step, rank, i, world), autocast)
         times["generate"] += time.perf_counter() - g0
         if rescore is not None:
             r0 = time.perf_counter()
@@ -116,8 +122,7 @@ def rollout_phase(
 
 
 def forward(
-    policy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    head: torch.nn.Module,
+    policy: Callable[..., tuple[torch.Tensor | None, MetricTotals]],
     batch: OPDBatch,
     loss_cfg: LossConfig,
     spec: LossSpec | None,
@@ -128,17 +133,38 @@ def forward(
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor | None, MetricTotals]:
     """The student's forward on one micro-batch (``policy``: a ``HiddenStatesLM``, possibly wrapped by
-    accelerate; ``head``: its output layer): the loss of ``spec`` (its share of the step's token mean,
-    ``normalizer`` = the step's token count) and the metric totals. ``spec=None``: metrics only, no graph.
+    accelerate): the loss of ``spec`` (its share of the step's token mean, ``normalizer`` = the step's token
+    count) and the metric totals. ``spec=None``: metrics only, no graph.
 
-    One chunked pass over the output layer gathers every id set: the sampled token, the stored student top-k
-    S_t and, for a loss that reads them, the teacher's top-k (column layout: ``opd.loss_table``), as
-    log_softmax(logits / ``temperature``) over the first ``vocab_size`` ids (the tokenizer's; None = every
-    output row): pass the rollout temperature, so the loss differentiates the distribution that sampled
-    the tokens (the teacher's scores must be at the same temperature). ``teacher_logits`` (in-process
-    teacher, full_vocab) must already be divided by it.
+    The output layer is applied inside the policy's own forward (``policy(ids, mask, head_fn=...)``), where a
+    sharded head (FSDP2, ZeRO-3) is whole (``opd.distributed``). One chunked pass over it gathers every id set:
+    the sampled token, the stored student top-k S_t and, for a loss that reads them, the teacher's top-k
+    (column layout: ``opd.loss_table``), as log_softmax(logits / ``temperature``) over the first
+    ``vocab_size`` ids (the tokenizer's; None = every output row): pass the rollout temperature, so the loss
+    differentiates the distribution that sampled the tokens (the teacher's scores must be at the same
+    temperature). ``teacher_logits`` (in-process teacher, full_vocab) must already be divided by it.
     """
-    hidden_B_L_H = policy(batch.packed.input_ids_B_L, batch.packed.attention_mask_B_L)
+
+    def head_fn(hidden_B_L_H: torch.Tensor, head: torch.nn.Module):
+        return _head_loss(
+            hidden_B_L_H, head, batch, loss_cfg, spec, normalizer, teacher_logits, vocab_size, temperature
+        )
+
+    return policy(batch.packed.input_ids_B_L, batch.packed.attention_mask_B_L, head_fn=head_fn)
+
+
+def _head_loss(
+    hidden_B_L_H: torch.Tensor,
+    head: torch.nn.Module,
+    batch: OPDBatch,
+    loss_cfg: LossConfig,
+    spec: LossSpec | None,
+    normalizer: float,
+    teacher_logits: Callable[[int, int], torch.Tensor] | None,
+    vocab_size: int | None,
+    temperature: float,
+) -> tuple[torch.Tensor | None, MetricTotals]:
+    """:func:`forward` after the backbone: (B, L, H) final hidden states -> (loss, metric totals)."""
     hidden_N_H = batch.packed.hidden_at_completion(hidden_B_L_H)
     ids = [batch.packed.targets_N[:, None], batch.student_topk_ids_N_K]
     if spec is not None and spec.gathers_teacher_topk:

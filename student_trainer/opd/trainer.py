@@ -11,6 +11,10 @@ pieces are the typed functions of :mod:`student_trainer.opd.step`, which the pro
 A dead teacher is retried with backoff inside the client until ``teacher.max_retry_wait_s``; the step waits
 and continues, so no step is lost or repeated. Checkpoints hold model, optimizer, scheduler, RNG and data
 position; ``resume`` continues exactly (rollouts are seeded per (seed, step, process, micro-batch)).
+
+Several processes: DDP, FSDP2 or DeepSpeed ZeRO, as the accelerate launch says (``opd.distributed``; the
+start line prints which, and the precision); a LoRA student (``model.lora``) trains peft adapters
+(``opd.lora``). docs/DISTRIBUTED.md.
 """
 
 from __future__ import annotations
@@ -26,6 +30,15 @@ from shared.fingerprint import tokenizer_fingerprint
 from student_trainer.config import Config
 from student_trainer.opd import checkpoint
 from student_trainer.opd.batch import build_batch
+from student_trainer.opd.distributed import (
+    PARAM_SHARDING,
+    build_accelerator,
+    prepare_head,
+    setup_line,
+    shard_line,
+    sharding,
+    unwrap_state_dict,
+)
 from student_trainer.opd.loss_table import loss_spec
 from student_trainer.opd.optim import build_optimizer, build_scheduler
 from student_trainer.opd.policy import HiddenStatesLM, load_causal_lm
@@ -37,18 +50,14 @@ class OPDTrainer:
     """``OPDTrainer(cfg).train()``; every heavy thing is built in ``__init__`` (models, client, data)."""
 
     def __init__(self, cfg: Config, resume: bool = False) -> None:
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         cfg.check_runnable()
         self.cfg = cfg
         self.out = Path(cfg.train.output_dir)
-        gpu = torch.cuda.is_available()
         trackers = available_trackers(cfg.logging.trackers)
-        self.acc = Accelerator(
-            mixed_precision="bf16" if gpu and cfg.model.dtype == "auto" else "no",
-            log_with=trackers or None,
-            project_dir=str(self.out),
+        self.acc = build_accelerator(
+            cfg.model.dtype, cfg.optim.grad_clip, log_with=trackers or None, project_dir=str(self.out)
         )
         set_seed(cfg.train.seed)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -56,18 +65,38 @@ class OPDTrainer:
         model, self.tokenizer = load_causal_lm(
             cfg.model.student, weights_dtype, cfg.model.gradient_checkpointing, cfg.model.trust_remote_code
         )
+        if cfg.model.lora is not None:
+            from student_trainer.config import lora_settings
+            from student_trainer.opd.lora import apply_lora
+
+            model = apply_lora(model, lora_settings(cfg.model.lora))
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            total = sum(p.numel() for p in model.parameters())
+            self.acc.print(
+                f"LoRA {lora_settings(cfg.model.lora)}: {trainable:,} of {total:,} parameters train"
+            )
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
         self.loss = loss_spec(cfg.loss.type)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._setup_teacher()
         self._setup_data()
         policy = HiddenStatesLM(model)
+        self._param_sharded = sharding(self.acc) in PARAM_SHARDING
+        self.engine = None
+        if self._param_sharded:
+            self._build_engine(model)
         optimizer = build_optimizer(policy, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
-        self.scheduler = build_scheduler(
-            optimizer, cfg.optim.schedule, cfg.optim.warmup_steps, cfg.train.steps
-        )
         self.policy, self.optimizer = self.acc.prepare(policy, optimizer)
+        # on the prepared optimizer: ZeRO regroups the parameters the scheduler's groups must follow
+        self.scheduler = build_scheduler(
+            self.optimizer, cfg.optim.schedule, cfg.optim.warmup_steps, cfg.train.steps
+        )
+        prepare_head(self.acc, self.policy)
+        self._deepspeed = sharding(self.acc).startswith("zero")
         self.acc.register_for_checkpointing(self.scheduler)
+        self.acc.print(setup_line(self.acc, self.policy))
+        if sharding(self.acc) != "none":
+            print(shard_line(self.acc, self.policy), flush=True)  # every process: its own share
         self._setup_rollouts()
         self.start_step = self._maybe_resume() if resume else 0
         self._setup_logging(trackers)
@@ -93,9 +122,18 @@ class OPDTrainer:
         from student_trainer.data.prompts import PromptRenderer, PromptStream, PromptTemplates, load_prompts
 
         d = self.cfg.data
-        table = load_prompts(d.path, question_field=d.question_field, answer_field=d.answer_field)
+        table = load_prompts(
+            d.path,
+            question_field=d.question_field,
+            answer_field=d.answer_field,
+            split=d.split,
+            subset=d.subset,
+        )
         templates = PromptTemplates(
-            student=d.student_template, teacher=d.teacher_prompt, system_prompt=d.system_prompt
+            student=d.student_template,
+            teacher=d.teacher_prompt,
+            system_prompt=d.system_prompt,
+            chat_template_kwargs=d.chat_template_kwargs or {},
         )
         self.stream = PromptStream(table, PromptRenderer(self.tokenizer, templates), seed=d.seed)
         self.eval_problems = None
@@ -107,11 +145,25 @@ class OPDTrainer:
                 e.data, question_field=e.question_field, answer_field=e.answer_field, limit=e.limit
             )
 
-    def _setup_rollouts(self) -> None:
+    def _build_engine(self, causal_lm: torch.nn.Module) -> None:
+        """The rollout engine. Under parameter sharding (FSDP2, ZeRO-3) no process holds the whole model, so
+        it is built from the unsharded model before ``prepare`` and the hf engine samples from its own whole
+        copy (a shadow in ``rollout.shadow_dtype``, default the weights' dtype) that every sync refreshes
+        from the gathered parameters."""
         from student_trainer.rollout import build_rollout_engine
 
-        model = self.acc.unwrap_model(self.policy).causal_lm
-        self.engine = build_rollout_engine(self.cfg, model, self.tokenizer, self.acc)
+        r = self.cfg.rollout
+        if self._param_sharded and r.engine == "hf" and r.shadow_dtype is None:
+            r.shadow_dtype = str(next(causal_lm.parameters()).dtype).removeprefix("torch.")
+            self.acc.print(
+                f"rollouts: the student is sharded ({sharding(self.acc)}); the hf engine samples from a whole "
+                f"copy (rollout.shadow_dtype={r.shadow_dtype}; set rollout.shadow_dtype=bfloat16 to halve it)"
+            )
+        self.engine = build_rollout_engine(self.cfg, causal_lm, self.tokenizer, self.acc)
+
+    def _setup_rollouts(self) -> None:
+        if self.engine is None:
+            self._build_engine(self.acc.unwrap_model(self.policy).causal_lm)
         self._rescore = None
         if self.cfg.rollout.topk_source == "trainer":
             from functools import partial
@@ -121,7 +173,6 @@ class OPDTrainer:
             self._rescore = partial(
                 trainer_topk,
                 self.policy,
-                self.acc.unwrap_model(self.policy).head,
                 pad_id=self.pad_id,
                 device=self.acc.device,
                 temperature=self.cfg.rollout.temperature,
@@ -130,9 +181,7 @@ class OPDTrainer:
             )
         r = self.cfg.rollout
         self.acc.print(
-            f"rollouts: engine {r.engine} ({type(self.engine).__name__}), student top-k from {r.topk_source}; "
-            f"distributed: {self.acc.num_processes} process(es), {self.acc.distributed_type}, "
-            f"mixed precision {self.acc.mixed_precision}"
+            f"rollouts: engine {r.engine} ({type(self.engine).__name__}), student top-k from {r.topk_source}"
         )
 
     def _maybe_resume(self) -> int:
@@ -208,6 +257,7 @@ class OPDTrainer:
             rank=rank,
             autocast=self.acc.autocast,
             rescore=self._rescore,
+            world=world,
         )
         self.engine.sleep()  # vllm on CUDA: its KV cache and weights make room for the training phase
         local_tokens = sum(mb.num_tokens for mb in batches)
@@ -248,11 +298,12 @@ class OPDTrainer:
         assert_on_policy(mb.rollouts.policy_version, self.engine.policy_version)
         batch = build_batch(mb.rollouts.samples, scores.scores, self.pad_id, self.acc.device, self.loss)
         ctx = nullcontext() if last else self.acc.no_sync(self.policy)
+        if self._deepspeed:  # DeepSpeed steps its optimizer inside backward, at the boundary only
+            self.acc.sync_gradients = last
         with ctx, self.acc.autocast():
             # normalizer: the whole step's tokens over all processes; DDP averages grads, hence * world
             loss, totals = forward(
                 self.policy,
-                self.acc.unwrap_model(self.policy).head,
                 batch,
                 self.cfg.loss,
                 self.loss,
@@ -333,15 +384,31 @@ class OPDTrainer:
 
     def _finish(self) -> Path:
         self.acc.wait_for_everyone()
+        state_dict = unwrap_state_dict(self.acc, self.policy) if sharding(self.acc) != "none" else None
         if self.acc.is_main_process:
             model = self.acc.unwrap_model(self.policy).causal_lm
-            model.save_pretrained(self.out)
-            self.tokenizer.save_pretrained(self.out)
+            if self.cfg.model.lora is not None:  # the adapter, or the merged model with --merge
+                from student_trainer.opd.lora import save_final
+
+                save_final(model, self.tokenizer, self.out, merge=self.cfg.train.merge_lora)
+            else:
+                model.save_pretrained(self.out, state_dict=state_dict)
+                self.tokenizer.save_pretrained(self.out)
             if self.cfg.logging.plot:
                 png = plot_metrics(self.out / "metrics.jsonl", self.out / "curves.png", title="OPD")
                 if png:
                     self.acc.print(f"plot: {png}")
             self.acc.print(f"saved the student to {self.out}")
+            if self.cfg.train.push_to_hub:
+                from student_trainer.hub import push_output
+
+                push_output(
+                    self.out,
+                    self.cfg.train.hub_model_id,
+                    self.cfg.train.hub_private,
+                    commit_message=f"OPD: {self.cfg.train.steps} steps, loss {self.cfg.loss.type} (opd-distill)",
+                )
+        self.acc.wait_for_everyone()
         self.engine.close()
         self.acc.end_training()
         self.teacher.close()

@@ -346,7 +346,6 @@ class Prober:
             # the metrics do not depend on the loss variant: no loss, no graph; as train's forward
             _, totals = forward(
                 self.policy,
-                self.policy.head,
                 batch,
                 self.cfg.loss,
                 None,

@@ -23,6 +23,10 @@ Only the logits of the current step are kept: a LogitsProcessor placed before ge
 and top-p warpers takes the top-k of each step, so no [B, T, V] tensor is ever held. The model's own
 ``generation_config`` (a Hub one may carry temperature 0.6, top_k 20, a repetition penalty) is ignored during
 rollouts, so tokens are sampled from p_t reshaped only by the temperature and top-p given here.
+
+A LoRA student (``model.lora``, a peft model) generates through its base transformers model, whose injected
+LoRA layers add the current adapter in every forward (``opd.lora.base_causal_lm``): the adapted weights,
+with transformers' own ``generate`` and ``generation_config``, and nothing to merge or copy.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from transformers import (
 )
 
 from student_trainer.errors import ConfigError, DataError
+from student_trainer.opd.lora import base_causal_lm
 from student_trainer.rollout.base import RolloutBatch, RolloutEngine, RolloutSample, check_request
 
 # ------------------------------------------------------------------------------------- recording hooks
@@ -126,6 +131,7 @@ class HFRolloutEngine(RolloutEngine):
             )
         if prompt_pad_multiple < 1:
             raise ConfigError(f"prompt_pad_multiple={prompt_pad_multiple} must be >= 1")
+        model = base_causal_lm(model)  # a LoRA student: its transformers model, adapter layers in it
         rows = model.get_output_embeddings().weight.shape[0]
         if vocab_limit is not None and not 1 <= vocab_limit <= rows:
             raise ConfigError(f"vocab_limit={vocab_limit} must be in [1, {rows}] (the output layer's rows)")
@@ -145,8 +151,9 @@ class HFRolloutEngine(RolloutEngine):
         self.policy_version = 0
 
     def sync_weights(self, model: torch.nn.Module) -> None:
-        # generate runs on the very module the optimizer updates, so there is nothing to copy
-        self.model = model
+        # generate runs on the very module the optimizer updates (a LoRA student's injected adapter layers
+        # included), so there is nothing to copy
+        self.model = base_causal_lm(model)
         self.policy_version += 1
 
     def generate(

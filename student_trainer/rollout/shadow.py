@@ -14,7 +14,9 @@ bytes per parameter in bf16: 3.4 GB for a 1.7B student) and one device copy per 
 
 The shadow is built once: ``copy.deepcopy`` of the master with every parameter pre-mapped to a new
 ``shadow_dtype`` tensor, so nothing is shared with the master, the master is never copied at full precision,
-and tied parameters (embeddings tied to the output layer) stay one tensor. It is in eval mode and needs no
+and tied parameters (embeddings tied to the output layer) stay one tensor. A LoRA student (``model.lora``)
+gets a plain, un-adapted shadow: its LoRA layers replaced by their base layers, which hold the merged weights
+W + scale * B @ A (``opd.lora.merged_state_dict``), refreshed the same way after every step. It is in eval mode and needs no
 gradients. Everything else is :class:`HFRolloutEngine`'s (the recording, the sampling settings, the padding),
 inherited, so its changes apply here too. The recorded log-probs are log_softmax of the shadow's logits
 computed in fp32; they are the shadow's distribution, which is the distribution the tokens were sampled
@@ -23,13 +25,13 @@ from (with a bf16 shadow it differs from the fp32 master's by bf16 rounding).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from student_trainer.errors import ConfigError
+from student_trainer.opd.lora import base_causal_lm, iter_merged_tensors, plain_copy
 from student_trainer.rollout.base import RolloutBatch
 from student_trainer.rollout.hf import HFRolloutEngine
 
@@ -41,16 +43,10 @@ SHADOW_DTYPES: dict[str, torch.dtype] = {
 
 
 def make_shadow(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """A copy of ``model`` whose parameters are new ``dtype`` tensors (no gradients), in eval mode.
-
-    The deepcopy memo maps each parameter to its new tensor before the copy starts, so the master's weights
-    are read once, never duplicated at their own precision, and a parameter reached twice (tied weights) is
-    one tensor in the copy too. Buffers are deep-copied as they are.
-    """
-    memo: dict[int, Any] = {}
-    for p in model.parameters():
-        memo[id(p)] = torch.nn.Parameter(p.detach().to(dtype=dtype, copy=True), requires_grad=False)
-    shadow = copy.deepcopy(model, memo)
+    """A copy of ``model`` whose parameters are new ``dtype`` tensors (no gradients), in eval mode; for a
+    LoRA student a plain model holding the merged weights (``opd.lora.plain_copy``: the master's weights
+    are read once, never duplicated at their own precision, tied parameters stay one tensor)."""
+    shadow = plain_copy(model, dtype)
     shadow.eval()
     config = getattr(shadow, "config", None)
     if config is not None and hasattr(config, "dtype"):
@@ -73,11 +69,11 @@ class ShadowRolloutEngine(HFRolloutEngine):
             )
         self.shadow_dtype = dtype
         shadow = make_shadow(model, dtype)
-        self._names = [name for name, _ in model.named_parameters()]
-        self._shadow_params = [p for _, p in shadow.named_parameters()]
-        if [name for name, _ in shadow.named_parameters()] != self._names:
-            raise ConfigError("the shadow's parameters do not mirror the model's (an unusual module layout)")
-        _check_ties(model, shadow)
+        self._params = dict(shadow.named_parameters())
+        self._names = list(self._params)
+        self._known = set(shadow.state_dict())  # parameters, their tied aliases, persistent buffers
+        self._copy_from(model, "the shadow's parameters do not mirror the model's (an unusual module layout)")
+        _check_ties(base_causal_lm(model), shadow)
         super().__init__(shadow, tokenizer, **kwargs)
 
     @property
@@ -86,17 +82,27 @@ class ShadowRolloutEngine(HFRolloutEngine):
         return self.model
 
     def sync_weights(self, model: torch.nn.Module) -> None:
-        """Copy ``model``'s current parameters into the shadow's own tensors (cast to its dtype; no tensor
-        is reallocated, so a compiled static-cache decode step keeps its addresses) and bump the version."""
-        master = dict(model.named_parameters())
-        if list(master) != self._names:
-            raise ConfigError(
-                "sync_weights got a model whose parameters differ from the one the shadow was built from"
-            )
-        with torch.no_grad():
-            for name, p in zip(self._names, self._shadow_params, strict=True):
-                p.data.copy_(master[name].detach())
+        """Copy ``model``'s current (for a LoRA student: merged) parameters into the shadow's own tensors
+        (cast to its dtype; no tensor is reallocated, so a compiled static-cache decode step keeps its
+        addresses) and bump the version."""
+        self._copy_from(
+            model, "sync_weights got a model whose parameters differ from the one the shadow was built from"
+        )
         self.policy_version += 1
+
+    def _copy_from(self, model: torch.nn.Module, mismatch: str) -> None:
+        """Every shadow parameter from ``model``'s merged tensors, one merged layer alive at a time."""
+        copied = set()
+        with torch.no_grad():
+            for name, tensor in iter_merged_tensors(model):
+                if name not in self._known:
+                    raise ConfigError(f"{mismatch}: {name} is not in the shadow")
+                if name in self._params:
+                    self._params[name].data.copy_(tensor)
+                    copied.add(name)
+        if len(copied) != len(self._names):
+            missing = sorted(set(self._names) - copied)[:3]
+            raise ConfigError(f"{mismatch}: the model has no {', '.join(missing)}")
 
     def generate(self, prompts: Sequence[Sequence[int]], **kwargs: Any) -> RolloutBatch:
         """:meth:`HFRolloutEngine.generate` on the shadow, with the caller's autocast (the trainer samples

@@ -21,6 +21,11 @@ Design (docs/TRAINING.md, "The vLLM rollout engine"):
 - What is recorded is the sampling distribution (``logprobs_mode=processed_logprobs``): log_softmax of the
   logits restricted to the tokenizer's ids (``allowed_token_ids`` when the output layer is padded) divided by
   the temperature, exactly what the hf engine records and what the loss is computed on.
+- A LoRA student (``model.lora``): the engine holds the plain model and gets the merged weights
+  W + scale * B @ A under the base model's names (``opd.lora.iter_merged_tensors``, one merged layer alive at
+  a time) through the same reload. vLLM's own LoRA path (a ``LoRARequest`` per step with the adapter saved
+  to disk, ``generate(lora_request=...)`` on an engine built with ``enable_lora``) is measured against it in
+  ``bench/bench_lora_sync.py``.
 - Several processes (accelerate DDP): one engine per rank, on that rank's device, sampling that rank's share
   of the prompts with that rank's seeds; each rank syncs its own engine from its own (identical) replica.
 """
@@ -36,6 +41,7 @@ from typing import Any
 import torch
 
 from student_trainer.errors import ConfigError, DataError, MissingDependencyError
+from student_trainer.opd.lora import iter_merged_tensors
 from student_trainer.rollout.base import RolloutBatch, RolloutEngine, RolloutSample, check_request
 from student_trainer.rollout.hf import _eos_ids
 
@@ -52,8 +58,9 @@ def _require_vllm() -> Any:
     return vllm
 
 
-def _reload_weights(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> str:
-    """Runs inside the vLLM worker (``collective_rpc``): load every tensor in one call; returns the method."""
+def _reload_weights(worker: Any, weights: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """Runs inside the vLLM worker (``collective_rpc``, in this process): load every tensor of the iterable
+    in one call; returns the method."""
     if hasattr(worker, "reload_weights"):
         worker.reload_weights(weights_iterator=iter(weights))
         return "reload_weights"
@@ -162,8 +169,9 @@ class VLLMRolloutEngine(RolloutEngine):
     def _push(self, model: torch.nn.Module) -> None:
         t0 = time.perf_counter()
         with torch.no_grad():
-            weights = [(name, t.detach()) for name, t in _checkpoint_tensors(model)]
-            self.llm.collective_rpc(_reload_weights, args=(weights,))
+            # checkpoint names, a tied output layer once (as the checkpoint holds it); a LoRA student's
+            # adapted layers merged one at a time as vLLM consumes them (an in-process call: no pickling)
+            self.llm.collective_rpc(_reload_weights, args=(iter_merged_tensors(model),))
         self.llm.reset_prefix_cache()
         if self.cuda:
             torch.cuda.synchronize(self.device)
@@ -208,7 +216,11 @@ class VLLMRolloutEngine(RolloutEngine):
         max_new_tokens: int = 512,
         top_k_record: int = 16,
         seed: int | None = None,
+        lora_request: Any = None,
     ) -> RolloutBatch:
+        """See :meth:`RolloutEngine.generate`. ``lora_request``: a ``vllm.lora.request.LoRARequest`` applied
+        to every prompt (an engine built with ``engine_kwargs={"enable_lora": True, ...}``; the trainer
+        does not use it, ``bench/bench_lora_sync.py`` does)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -241,7 +253,7 @@ class VLLMRolloutEngine(RolloutEngine):
                 )
             )
             inputs.append(TokensPrompt(prompt_token_ids=ids))
-        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        outputs = self.llm.generate(inputs, params, use_tqdm=False, lora_request=lora_request)
         samples = []
         for i, out in enumerate(outputs):
             prompt = torch.tensor(list(out.prompt_token_ids), dtype=torch.long)
@@ -329,17 +341,6 @@ def _read_logprobs(logprobs: Any, ids: list[int], k: int) -> tuple[torch.Tensor,
             topk_ids[t] = torch.tensor(rest_ids[:k])
             topk_lps[t] = torch.tensor(rest_lps[:k])
     return sampled, topk_ids, topk_lps
-
-
-def _checkpoint_tensors(model: torch.nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
-    """The trained module's tensors under their checkpoint names (what vLLM's loader expects); a tied output
-    layer is sent once, as the checkpoint holds it."""
-    seen: set[int] = set()
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        yield name, tensor
 
 
 _FLAT: dict[str, bool] | None = None
