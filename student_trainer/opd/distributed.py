@@ -31,14 +31,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 from student_trainer.errors import ConfigError
 
-MIXED = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
 PARAM_SHARDING = ("fsdp2", "zero3")  # no process holds every parameter whole
 
 
@@ -46,7 +46,7 @@ def compute_precision(model_dtype: str, gpu: bool, launcher: str | None) -> str:
     """accelerate's ``mixed_precision`` for this run: the launcher's when it set one, else bf16 on a GPU for
     fp32 master weights (``model.dtype: auto``) and ``no`` otherwise. Raises ConfigError on a half/half clash."""
     mixed = launcher if launcher else ("bf16" if gpu and model_dtype == "auto" else "no")
-    if mixed not in MIXED:
+    if mixed not in MIXED_PRECISIONS:
         raise ConfigError(f"mixed_precision={mixed!r} from the accelerate config: use no, bf16 or fp16")
     half = {"bfloat16": "bf16", "float16": "fp16"}.get(model_dtype)
     if half and mixed != "no" and mixed != half:
@@ -200,7 +200,9 @@ def prepare_head(acc: Any, policy: torch.nn.Module) -> None:
 
 
 def _is_dtensor(t: Any) -> bool:
-    return type(t).__name__ == "DTensor" or hasattr(t, "full_tensor")
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -223,26 +225,7 @@ def gathered(params: Iterable[torch.Tensor]) -> Iterator[None]:
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             yield
     else:
-        with nullcontext():
-            yield
-
-
-def is_sharded(model: torch.nn.Module) -> bool:
-    """True when ``model``'s parameters are split across processes (FSDP2 DTensors or ZeRO-3 partitions)."""
-    return any(_is_dtensor(p) or hasattr(p, "ds_numel") for p in model.parameters())
-
-
-def full_named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """``model.state_dict`` entries as whole tensors, each tensor once (a tied output layer is not repeated),
-    in state-dict order: what a rollout engine copies. Collective under sharding: call it on every process."""
-    seen: set[int] = set()
-    params = list(model.parameters())
-    with gathered(params):
-        for name, t in model.state_dict(keep_vars=True).items():
-            if id(t) in seen:
-                continue
-            seen.add(id(t))
-            yield name, full_tensor(t).detach()
+        yield
 
 
 def unwrap_state_dict(acc: Any, policy: torch.nn.Module, prefix: str = "causal_lm.") -> dict[str, Any]:

@@ -132,14 +132,12 @@ def iter_merged_tensors(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
     ones are new. A plain model yields its own state dict the same way."""
     base = base_causal_lm(model)
     layers = _adapted_layers(base) if is_lora(model) else {}
-    seen: set[int] = set()
     with gathered(base.parameters()):  # a sharded student (FSDP2, ZeRO-3): whole tensors, on every process
-        yield from _merged_tensors(base, layers, seen)
+        yield from _merged_tensors(base, layers)
 
 
-def _merged_tensors(
-    base: torch.nn.Module, layers: dict[str, Any], seen: set[int]
-) -> Iterator[tuple[str, torch.Tensor]]:
+def _merged_tensors(base: torch.nn.Module, layers: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
+    seen: set[int] = set()
     for name, tensor in base.state_dict(keep_vars=True).items():
         if id(tensor) in seen:
             continue

@@ -69,19 +69,19 @@ class OPDTrainer:
             from student_trainer.config import lora_settings
             from student_trainer.opd.lora import apply_lora
 
-            model = apply_lora(model, lora_settings(cfg.model.lora))
+            settings = lora_settings(cfg.model.lora)
+            model = apply_lora(model, settings)
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             total = sum(p.numel() for p in model.parameters())
-            self.acc.print(
-                f"LoRA {lora_settings(cfg.model.lora)}: {trainable:,} of {total:,} parameters train"
-            )
+            self.acc.print(f"LoRA {settings}: {trainable:,} of {total:,} parameters train")
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
         self.loss = loss_spec(cfg.loss.type)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._setup_teacher()
         self._setup_data()
         policy = HiddenStatesLM(model)
-        self._param_sharded = sharding(self.acc) in PARAM_SHARDING
+        self.sharding = sharding(self.acc)  # none | fsdp2 | zero1-3, fixed by the launch
+        self._param_sharded = self.sharding in PARAM_SHARDING
         self.engine = None
         if self._param_sharded:
             self._build_engine(model)
@@ -92,10 +92,10 @@ class OPDTrainer:
             self.optimizer, cfg.optim.schedule, cfg.optim.warmup_steps, cfg.train.steps
         )
         prepare_head(self.acc, self.policy)
-        self._deepspeed = sharding(self.acc).startswith("zero")
+        self._deepspeed = self.sharding.startswith("zero")
         self.acc.register_for_checkpointing(self.scheduler)
         self.acc.print(setup_line(self.acc, self.policy))
-        if sharding(self.acc) != "none":
+        if self.sharding != "none":
             print(shard_line(self.acc, self.policy), flush=True)  # every process: its own share
         self._setup_rollouts()
         self.start_step = self._maybe_resume() if resume else 0
@@ -156,7 +156,7 @@ class OPDTrainer:
         if self._param_sharded and r.engine == "hf" and r.shadow_dtype is None:
             r.shadow_dtype = str(next(causal_lm.parameters()).dtype).removeprefix("torch.")
             self.acc.print(
-                f"rollouts: the student is sharded ({sharding(self.acc)}); the hf engine samples from a whole "
+                f"rollouts: the student is sharded ({self.sharding}); the hf engine samples from a whole "
                 f"copy (rollout.shadow_dtype={r.shadow_dtype}; set rollout.shadow_dtype=bfloat16 to halve it)"
             )
         self.engine = build_rollout_engine(self.cfg, causal_lm, self.tokenizer, self.acc)
@@ -384,7 +384,7 @@ class OPDTrainer:
 
     def _finish(self) -> Path:
         self.acc.wait_for_everyone()
-        state_dict = unwrap_state_dict(self.acc, self.policy) if sharding(self.acc) != "none" else None
+        state_dict = unwrap_state_dict(self.acc, self.policy) if self.sharding != "none" else None
         if self.acc.is_main_process:
             model = self.acc.unwrap_model(self.policy).causal_lm
             if self.cfg.model.lora is not None:  # the adapter, or the merged model with --merge
