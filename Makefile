@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 TORCH_CPU := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format bench clean help
+.PHONY: demo test lint format bench bench-fuzz bench-reliability clean help
 
 help:
 	@echo "make demo   - distil a tiny student from a tiny teacher served over HTTP (CPU, no downloads)"
@@ -43,5 +43,21 @@ format: $(VENV)/.full
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
+# The reliability suite (docs/RELIABILITY.md): not part of `make test`; minutes, not seconds.
+BENCH_VENV := .venv-bench
+$(BENCH_VENV)/.ok: bench/requirements-fuzz.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q -r bench/requirements-fuzz.txt
+	touch $@
+
+bench-fuzz: $(VENV)/.full $(BENCH_VENV)/.ok
+	$(BENCH_VENV)/bin/python bench/reliability_fuzz.py --backend hf --examples 2000
+	$(BENCH_VENV)/bin/python bench/reliability_fuzz.py --backend vllm --examples 2000
+
+bench-reliability: $(VENV)/.full
+	OMP_NUM_THREADS=1 $(PY) bench/reliability_load.py --clients 64 --seconds 60
+	OMP_NUM_THREADS=1 $(PY) bench/reliability_load.py --clients 64 --seconds 30 --overload
+	OMP_NUM_THREADS=1 $(PY) bench/reliability_hol.py --seconds 20
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) runs .pytest_cache

@@ -59,3 +59,52 @@ def test_failed_batch_fails_only_its_jobs():
 
     bad, good = asyncio.run(main())
     assert isinstance(bad, RuntimeError) and good == [1]
+
+
+def _served_order(max_batch_tokens, requests):
+    """Run ``requests`` (each a list of (job, length)) through a batcher whose forward is held until all
+    are queued; returns the batches' jobs in the order they ran."""
+    batches: list[list] = []
+    gate = threading.Event()
+
+    def run_batch(jobs):
+        gate.wait(10)
+        batches.append(list(jobs))
+        return jobs
+
+    async def main():
+        b = MicroBatcher(run_batch, max_batch_tokens=max_batch_tokens, window_s=0)
+        b.start()
+        futs = []
+        for req in requests:
+            futs.append(asyncio.ensure_future(b.submit([j for j, _ in req], [n for _, n in req])))
+            await asyncio.sleep(0.01)  # arrival order: the worker has taken the first request already
+        gate.set()
+        outs = await asyncio.gather(*futs)
+        await b.close()
+        return outs
+
+    outs = asyncio.run(main())
+    assert outs == [[j for j, _ in req] for req in requests]  # every job answered, in order
+    return batches
+
+
+def test_small_request_is_not_stuck_behind_a_large_one():
+    """A large request of 40 budgets' worth, then a small one: the small one runs in the second or third
+    batch (at most two batches of wait), not after all 40 budgets of the large one (first in, first out)."""
+    big = [(f"big{i}", 10) for i in range(400)]  # 4000 tokens, budget 100 -> 40 batches
+    batches = _served_order(100, [big, [("small", 10)]])
+    where = next(i for i, b in enumerate(batches) if "small" in b)
+    assert where <= 2, f"the small request ran in batch {where} of {len(batches)}"
+    assert all(sum(10 for _ in b) <= 100 for b in batches)
+
+
+def test_round_robin_shares_batches_between_large_requests():
+    """Two large requests queued together: each batch holds jobs of both (neither waits for the other)."""
+    a = [(f"a{i}", 10) for i in range(50)]
+    b = [(f"b{i}", 10) for i in range(50)]
+    batches = _served_order(100, [[("first", 10)], a, b])
+    mixed = [
+        bt for bt in batches if any(j.startswith("a") for j in bt) and any(j.startswith("b") for j in bt)
+    ]
+    assert len(mixed) >= len(batches) - 3

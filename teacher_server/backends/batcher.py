@@ -1,9 +1,16 @@
 """Micro-batcher: packs jobs from many concurrent requests into forward batches under a token budget.
 
 Requests ``submit`` jobs and await their futures. One worker task waits a short collection window after the
-first job arrives, takes what is queued, sorts it by length (less padding), cuts it into batches whose
-padded size ``rows * longest`` fits the budget, and runs each batch in a single worker thread so the event
-loop is never blocked by the model.
+first job arrives, takes from the queue, sorts what it took by length (less padding), cuts it into batches
+whose padded size ``rows * longest`` fits the budget, and runs each batch in a single worker thread so the
+event loop is never blocked by the model.
+
+Fairness (no head-of-line blocking): when several requests are queued, the worker takes their jobs
+round-robin, one job per request in turn, up to ONE budget, and comes back to the queue after running it.
+With a single request queued it takes up to four budgets, so sorting by length has choice (less padding);
+when another request arrives meanwhile, the taken jobs not yet run go back to the head of the queue after the
+current batch. A small request that arrives behind a request of a million tokens therefore waits for at most
+the batch being run plus one more (two batches of ``max_batch_tokens``), not for the whole large request.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ class _Pending:
     job: Any
     length: int
     future: asyncio.Future
+    request: int  # which submit() call it came from (round-robin across requests)
 
 
 def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
@@ -66,6 +74,7 @@ class MicroBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-forward")
         self._task: asyncio.Task | None = None
         self.queued_tokens = 0
+        self._requests = 0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._worker(), name="micro-batcher")
@@ -89,7 +98,11 @@ class MicroBatcher:
     async def submit(self, jobs: Sequence[Any], lengths: Sequence[int]) -> list[Any]:
         """Queue jobs (with their token lengths) and wait for all their results, in order."""
         loop = asyncio.get_running_loop()
-        pending = [_Pending(job, n, loop.create_future()) for job, n in zip(jobs, lengths, strict=True)]
+        self._requests += 1
+        pending = [
+            _Pending(job, n, loop.create_future(), self._requests)
+            for job, n in zip(jobs, lengths, strict=True)
+        ]
         self._queue.extend(pending)
         self.queued_tokens += sum(lengths)
         self._wakeup.set()
@@ -103,21 +116,45 @@ class MicroBatcher:
                 await asyncio.sleep(self._window_s)
             self._wakeup.clear()
             taken = self._take()
-            for batch in plan_batches([p.length for p in taken], self._max_batch_tokens):
-                items = [taken[i] for i in batch]
-                await self._run(loop, items)
+            batches = plan_batches([p.length for p in taken], self._max_batch_tokens)
+            for k, batch in enumerate(batches):
+                await self._run(loop, [taken[i] for i in batch])
+                if self._queue and k + 1 < len(batches):  # a request arrived: share the next batch with it
+                    self._requeue([taken[i] for i in sorted(i for b in batches[k + 1 :] for i in b)])
+                    break
             if self._queue:
                 self._wakeup.set()
 
     def _take(self) -> list[_Pending]:
-        """Everything queued, up to a few budgets' worth (so sorting by length has choice, bounded)."""
-        taken, tokens = [], 0
-        while self._queue and (not taken or tokens + self._queue[0].length <= 4 * self._max_batch_tokens):
-            item = self._queue.popleft()
-            taken.append(item)
-            tokens += item.length
+        """The next jobs to run: round-robin across the queued requests (in arrival order), one job per
+        request in turn, until the next would pass the window (one budget when several requests wait, four
+        when one does); the rest stay queued in their order."""
+        by_request: dict[int, deque[_Pending]] = {}
+        for item in self._queue:
+            by_request.setdefault(item.request, deque()).append(item)
+        window = (4 if len(by_request) == 1 else 1) * self._max_batch_tokens
+        taken: list[_Pending] = []
+        tokens = 0
+        while by_request:
+            for request in list(by_request):
+                item = by_request[request][0]
+                if taken and tokens + item.length > window:
+                    by_request.clear()
+                    break
+                by_request[request].popleft()
+                if not by_request[request]:
+                    del by_request[request]
+                taken.append(item)
+                tokens += item.length
+        chosen = {id(p) for p in taken}
+        self._queue = deque(p for p in self._queue if id(p) not in chosen)
         self.queued_tokens -= tokens
         return [p for p in taken if not p.future.done()]  # a cancelled request's jobs are skipped
+
+    def _requeue(self, items: list[_Pending]) -> None:
+        """Put taken-but-not-run jobs back at the head of the queue, in their order."""
+        self._queue.extendleft(reversed(items))
+        self.queued_tokens += sum(p.length for p in items)
 
     async def _run(self, loop: asyncio.AbstractEventLoop, items: list[_Pending]) -> None:
         if not items:
